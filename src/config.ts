@@ -1,0 +1,216 @@
+// Configuration: one JSON file, validated against a schema, defaults applied,
+// paths resolved relative to the file, then frozen. Nothing downstream checks
+// for undefined.
+
+import { accessSync, constants, readFileSync, statSync } from 'node:fs'
+import { delimiter, dirname, isAbsolute, join, resolve } from 'node:path'
+import { Ajv, type ErrorObject } from 'ajv'
+import { ConfigError } from './errors.js'
+
+export type AccelChoice = 'auto' | 'kvm' | 'hvf' | 'tcg'
+
+export interface Config {
+  readonly listen: { readonly host: string; readonly port: number }
+  readonly health: { readonly path: string }
+  readonly log: { readonly level: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent' }
+  readonly vm: {
+    /** Absolute path of the QEMU system emulator. */
+    readonly qemu: string
+    readonly accel: AccelChoice
+    readonly machine: string
+    readonly kernel: string
+    readonly initrd: string
+    readonly append: string
+    readonly memoryMiB: number
+    readonly cpus: number
+    readonly guestPort: number
+    /** How much of the guest's serial console is kept for logs. */
+    readonly consoleTailBytes: number
+    /** Time between SIGTERM and SIGKILL when a VM is stopped. */
+    readonly killGraceMs: number
+  }
+  readonly readiness: {
+    readonly path: string
+    readonly timeoutMs: number
+    readonly intervalMs: number
+    readonly attemptTimeoutMs: number
+    /** A console line that makes vmcgi probe at once; empty to rely on polling. */
+    readonly consoleLine: string
+  }
+  readonly timeouts: {
+    /** From sending the request into the guest to its response headers. */
+    readonly headersMs: number
+    /** Longest silence while the guest sends the response body. */
+    readonly bodyIdleMs: number
+  }
+}
+
+const positiveInt = { type: 'integer', minimum: 1 } as const
+const port = { type: 'integer', minimum: 0, maximum: 65535 } as const
+const urlPath = { type: 'string', pattern: '^/' } as const
+
+const schema = {
+  type: 'object',
+  additionalProperties: false,
+  properties: {
+    $schema: { type: 'string' },
+    listen: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: {
+        host: { type: 'string', minLength: 1, default: '127.0.0.1' },
+        port: { ...port, default: 8080 },
+      },
+    },
+    health: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: { path: { ...urlPath, default: '/up' } },
+    },
+    log: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: {
+        level: { enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info' },
+      },
+    },
+    vm: {
+      type: 'object',
+      additionalProperties: false,
+      required: ['kernel', 'initrd'],
+      properties: {
+        qemu: { type: 'string', minLength: 1, default: 'qemu-system-aarch64' },
+        accel: { enum: ['auto', 'kvm', 'hvf', 'tcg'], default: 'auto' },
+        machine: { type: 'string', minLength: 1, default: 'virt' },
+        kernel: { type: 'string', minLength: 1 },
+        initrd: { type: 'string', minLength: 1 },
+        append: { type: 'string', default: 'console=ttyAMA0 quiet' },
+        memoryMiB: { type: 'integer', minimum: 16, maximum: 65536, default: 128 },
+        cpus: { type: 'integer', minimum: 1, maximum: 64, default: 1 },
+        guestPort: { type: 'integer', minimum: 1, maximum: 65535, default: 80 },
+        consoleTailBytes: { type: 'integer', minimum: 256, maximum: 1048576, default: 8192 },
+        killGraceMs: { type: 'integer', minimum: 0, maximum: 60000, default: 500 },
+      },
+    },
+    readiness: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: {
+        path: { ...urlPath, default: '/' },
+        timeoutMs: { ...positiveInt, default: 10000 },
+        intervalMs: { ...positiveInt, default: 20 },
+        attemptTimeoutMs: { ...positiveInt, default: 150 },
+        consoleLine: { type: 'string', default: 'vmcgi: ready' },
+      },
+    },
+    timeouts: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: {
+        headersMs: { ...positiveInt, default: 20000 },
+        bodyIdleMs: { ...positiveInt, default: 10000 },
+      },
+    },
+  },
+  required: ['vm'],
+} as const
+
+const validate = new Ajv({ useDefaults: true, allErrors: false, strict: true }).compile(schema)
+
+export interface Overrides {
+  host?: string
+  port?: number
+}
+
+/** Reads, validates and freezes the config file. Throws ConfigError naming the field. */
+export function loadConfig(file: string, overrides: Overrides = {}): Config {
+  const path = resolve(file)
+  let text: string
+  try {
+    text = readFileSync(path, 'utf8')
+  } catch (error) {
+    throw new ConfigError('--config', `cannot read ${path}: ${(error as NodeJS.ErrnoException).code}`)
+  }
+  let raw: unknown
+  try {
+    raw = JSON.parse(text)
+  } catch (error) {
+    throw new ConfigError('--config', `${path} is not valid JSON: ${(error as Error).message}`)
+  }
+  return normalizeConfig(raw, { baseDir: dirname(path), overrides })
+}
+
+/** Applies defaults and overrides, validates, resolves paths and freezes. */
+export function normalizeConfig(
+  raw: unknown,
+  { baseDir, overrides = {}, env = process.env }: { baseDir: string; overrides?: Overrides; env?: NodeJS.ProcessEnv },
+): Config {
+  const candidate = structuredClone(raw) as Record<string, any>
+  if (candidate && typeof candidate === 'object' && !Array.isArray(candidate)) {
+    candidate.listen ??= {}
+    if (overrides.host !== undefined) candidate.listen.host = overrides.host
+    if (overrides.port !== undefined) candidate.listen.port = overrides.port
+  }
+  if (!validate(candidate)) throw toConfigError(validate.errors![0]!)
+
+  const vm = candidate.vm as Record<'kernel' | 'initrd' | 'qemu', string>
+  vm.kernel = readableFile('vm.kernel', resolve(baseDir, vm.kernel))
+  vm.initrd = readableFile('vm.initrd', resolve(baseDir, vm.initrd))
+  vm.qemu = findExecutable('vm.qemu', vm.qemu, baseDir, env.PATH ?? '')
+  return deepFreeze(candidate as unknown as Config)
+}
+
+function toConfigError(error: ErrorObject): ConfigError {
+  const at = error.instancePath.slice(1).replaceAll('/', '.')
+  const field = (name: string) => (at ? `${at}.${name}` : name)
+  switch (error.keyword) {
+    case 'additionalProperties':
+      return new ConfigError(field(error.params.additionalProperty), 'unknown key')
+    case 'required':
+      return new ConfigError(field(error.params.missingProperty), 'is required')
+    case 'enum':
+      return new ConfigError(at, `must be one of ${error.params.allowedValues.join(', ')}`)
+    default:
+      return new ConfigError(at || '(top level)', error.message ?? 'is invalid')
+  }
+}
+
+function readableFile(field: string, path: string): string {
+  try {
+    accessSync(path, constants.R_OK)
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code
+    throw new ConfigError(field, code === 'ENOENT' ? `file not found: ${path}` : `cannot read ${path} (${code})`)
+  }
+  if (!statSync(path).isFile()) throw new ConfigError(field, `not a regular file: ${path}`)
+  return path
+}
+
+/** A bare name is looked up on PATH; anything with a slash is a path relative to the config. */
+function findExecutable(field: string, name: string, baseDir: string, pathVar: string): string {
+  const candidates = name.includes('/') || isAbsolute(name)
+    ? [resolve(baseDir, name)]
+    : pathVar.split(delimiter).filter(Boolean).map((dir) => join(dir, name))
+  for (const candidate of candidates) {
+    try {
+      accessSync(candidate, constants.X_OK)
+      if (statSync(candidate).isFile()) return candidate
+    } catch {
+      // try the next one
+    }
+  }
+  throw new ConfigError(field, name.includes('/') ? `not an executable file: ${candidates[0]}` : `${name} not found on PATH`)
+}
+
+function deepFreeze<T>(value: T): T {
+  if (value && typeof value === 'object') {
+    for (const inner of Object.values(value)) deepFreeze(inner)
+    Object.freeze(value)
+  }
+  return value
+}

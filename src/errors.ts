@@ -1,0 +1,55 @@
+// The catalogue of every way a request can fail. Each entry has a stable code,
+// the HTTP status the client gets and the short reason sent as `vmcgi-status`.
+// server.ts turns these into responses in exactly one place.
+
+export const failures = {
+  BOOT_TIMEOUT: { statusCode: 504, status: 'boot-timeout' },
+  VM_EXITED: { statusCode: 502, status: 'vm-exited' },
+  SPAWN_FAILED: { statusCode: 502, status: 'spawn-failed' },
+  GUEST_UNREACHABLE: { statusCode: 502, status: 'guest-unreachable' },
+  GUEST_TIMEOUT: { statusCode: 504, status: 'guest-timeout' },
+  GUEST_BAD_RESPONSE: { statusCode: 502, status: 'guest-bad-response' },
+  CLIENT_GONE: { statusCode: 499, status: 'client-gone' },
+  SHUTTING_DOWN: { statusCode: 503, status: 'shutting-down' },
+  BAD_REQUEST: { statusCode: 400, status: 'bad-request' },
+  INTERNAL: { statusCode: 500, status: 'internal-error' },
+} as const
+
+export type FailureCode = keyof typeof failures
+
+export class VmcgiError extends Error {
+  readonly code: FailureCode
+  readonly statusCode: number
+  readonly status: string
+
+  constructor(code: FailureCode, message: string, options?: { cause?: unknown; statusCode?: number }) {
+    super(message, { cause: options?.cause })
+    this.name = 'VmcgiError'
+    this.code = code
+    this.statusCode = options?.statusCode ?? failures[code].statusCode
+    this.status = failures[code].status
+  }
+}
+
+/** Wraps anything thrown into a VmcgiError, keeping the original as `cause`. */
+export function toVmcgiError(error: unknown): VmcgiError {
+  if (error instanceof VmcgiError) return error
+  const fastifyStatus = (error as { statusCode?: unknown })?.statusCode
+  if (typeof fastifyStatus === 'number' && fastifyStatus >= 400 && fastifyStatus < 500) {
+    // Fastify's own client errors (unparseable request, and so on) keep their status.
+    return new VmcgiError('BAD_REQUEST', (error as Error).message, { cause: error, statusCode: fastifyStatus })
+  }
+  const message = error instanceof Error ? error.message : String(error)
+  return new VmcgiError('INTERNAL', message, { cause: error })
+}
+
+/** Thrown by loadConfig; main() prints it on one line and exits with status 2. */
+export class ConfigError extends Error {
+  readonly field: string
+
+  constructor(field: string, message: string) {
+    super(`${field}: ${message}`)
+    this.name = 'ConfigError'
+    this.field = field
+  }
+}

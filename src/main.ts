@@ -1,0 +1,82 @@
+#!/usr/bin/env node
+// The CLI: read the config, look at the host, build the server, listen, and
+// close on SIGTERM or SIGINT. A wrong config or flag exits with status 2.
+
+import { parseArgs } from 'node:util'
+import closeWithGrace from 'close-with-grace'
+import { loadConfig, type Overrides } from './config.js'
+import { ConfigError } from './errors.js'
+import { buildServer } from './server.js'
+import { probeHost } from './vm/host.js'
+import { createQemuVmFactory } from './vm/vm.js'
+
+const usage = 'usage: vmcgi --config FILE [--host ADDR] [--port N]'
+
+function parseCli(argv: string[]): { configFile: string; overrides: Overrides } {
+  let parsed
+  try {
+    parsed = parseArgs({
+      args: argv,
+      options: {
+        config: { type: 'string', short: 'c' },
+        host: { type: 'string' },
+        port: { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+      strict: true,
+      allowPositionals: false,
+    })
+  } catch (error) {
+    throw new ConfigError('arguments', `${(error as Error).message}\n${usage}`)
+  }
+  const { values } = parsed
+  if (values.help) {
+    process.stdout.write(`${usage}\n`)
+    process.exit(0)
+  }
+  if (!values.config) throw new ConfigError('--config', `is required\n${usage}`)
+  const overrides: Overrides = {}
+  if (values.host !== undefined) overrides.host = values.host
+  if (values.port !== undefined) {
+    const port = Number(values.port)
+    if (!/^\d+$/.test(values.port) || port > 65535) throw new ConfigError('--port', `must be a port number, not "${values.port}"`)
+    overrides.port = port
+  }
+  return { configFile: values.config, overrides }
+}
+
+async function main(): Promise<void> {
+  const { configFile, overrides } = parseCli(process.argv.slice(2))
+  const config = loadConfig(configFile, overrides)
+  const host = await probeHost(config)
+  const app = await buildServer(config, { createVm: createQemuVmFactory(host) })
+  app.log.info({
+    qemu: config.vm.qemu,
+    qemuVersion: host.qemuVersion,
+    accel: host.accel.accel,
+    accelReason: host.accel.reason,
+    sandbox: host.sandbox,
+    dieWithVmcgi: host.deathSignalPrefix.length > 0,
+  }, `accelerator: ${host.accel.accel} (${host.accel.reason})`)
+
+  closeWithGrace({ delay: 8_000 }, async ({ signal, err }) => {
+    if (err) app.log.error({ err }, 'closing after an error')
+    else app.log.info({ signal }, 'closing')
+    await app.close()
+  })
+  await app.listen({ host: config.listen.host, port: config.listen.port })
+}
+
+main().catch((error: unknown) => {
+  if (error instanceof ConfigError) {
+    process.stderr.write(`vmcgi: config: ${error.message}\n`)
+    process.exit(2)
+  }
+  const code = (error as NodeJS.ErrnoException).code
+  if (code === 'EADDRINUSE' || code === 'EACCES' || code === 'EADDRNOTAVAIL') {
+    process.stderr.write(`vmcgi: cannot listen: ${(error as Error).message}\n`)
+    process.exit(2)
+  }
+  process.stderr.write(`vmcgi: ${(error as Error)?.stack ?? String(error)}\n`)
+  process.exit(1)
+})

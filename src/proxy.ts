@@ -1,0 +1,89 @@
+// Forwards one request into one booted VM and streams the answer back. The
+// header rewriting is pure so that it can be tested without a VM.
+
+import type { IncomingHttpHeaders } from 'node:http'
+import type { FastifyReply, FastifyRequest } from 'fastify'
+import { VmcgiError } from './errors.js'
+import type { GuestVm } from './vm/vm.js'
+
+// RFC 9110 §7.6.1: headers that describe one connection, not the message.
+const hopByHop = new Set([
+  'connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization',
+  'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade',
+])
+
+/** Drops hop-by-hop headers, those the Connection header names, and vmcgi-* (ours alone to set). */
+function withoutHopByHop(headers: IncomingHttpHeaders): IncomingHttpHeaders {
+  const named = String(headers.connection ?? '').toLowerCase().split(',').map((name) => name.trim())
+  const kept: IncomingHttpHeaders = {}
+  for (const [name, value] of Object.entries(headers)) {
+    const lower = name.toLowerCase()
+    if (value === undefined || hopByHop.has(lower) || named.includes(lower) || lower.startsWith('vmcgi-')) continue
+    kept[lower] = value
+  }
+  return kept
+}
+
+export interface ClientInfo {
+  ip: string
+  proto: string
+  host: string | undefined
+}
+
+export function toGuestHeaders(headers: IncomingHttpHeaders, client: ClientInfo): IncomingHttpHeaders {
+  const out = withoutHopByHop(headers)
+  const forwardedFor = headers['x-forwarded-for']
+  out['x-forwarded-for'] = forwardedFor ? `${forwardedFor}, ${client.ip}` : client.ip
+  out['x-forwarded-proto'] = client.proto
+  if (client.host) out['x-forwarded-host'] = client.host
+  else delete out['x-forwarded-host']
+  return out
+}
+
+export function bootTimeHeader(vm: Pick<GuestVm, 'bootMs' | 'accelerated'>): string {
+  return `${vm.bootMs} ms (hardware acceleration ${vm.accelerated ? 'enabled' : 'disabled'})`
+}
+
+export function toClientHeaders(headers: IncomingHttpHeaders, vm: Pick<GuestVm, 'id' | 'bootMs' | 'accelerated'>): IncomingHttpHeaders {
+  return {
+    ...withoutHopByHop(headers),
+    'vmcgi-status': 'OK',
+    'vmcgi-vm-boot-time': bootTimeHeader(vm),
+    'vmcgi-vm-id': vm.id,
+  }
+}
+
+/** Maps what reply-from/undici report about the guest onto the catalogue. */
+export function guestFailure(error: Error & { code?: string }): VmcgiError {
+  const cause = (error.cause ?? {}) as { code?: string }
+  const code = cause.code ?? error.code
+  switch (code) {
+    case 'UND_ERR_HEADERS_TIMEOUT':
+    case 'UND_ERR_BODY_TIMEOUT':
+    case 'FST_REPLY_FROM_TIMEOUT':
+    case 'FST_REPLY_FROM_GATEWAY_TIMEOUT':
+      return new VmcgiError('GUEST_TIMEOUT', 'the guest did not answer in time', { cause: error })
+    case 'FST_REPLY_FROM_BAD_GATEWAY':
+    case 'HPE_INVALID_CONSTANT':
+    case 'HPE_INVALID_STATUS':
+    case 'HPE_HEADER_OVERFLOW':
+    case 'UND_ERR_HEADERS_OVERFLOW':
+      return new VmcgiError('GUEST_BAD_RESPONSE', 'the guest sent an invalid HTTP response', { cause: error })
+    default:
+      return new VmcgiError('GUEST_UNREACHABLE', `the guest dropped the connection (${code ?? error.message})`, { cause: error })
+  }
+}
+
+
+export function forwardToVm(request: FastifyRequest, reply: FastifyReply, vm: GuestVm): FastifyReply {
+  vm.markServing()
+  return reply.from(request.url, {
+    getUpstream: () => vm.origin,
+    // reply-from retries GETs that get a 503 up to ten times: the guest's answer goes back once.
+    retryDelay: () => null,
+    rewriteRequestHeaders: (_request, headers) =>
+      toGuestHeaders(headers, { ip: request.ip, proto: request.protocol, host: request.headers.host }),
+    rewriteHeaders: (headers) => toClientHeaders(headers, vm),
+    onError: (failed, { error }) => failed.send(guestFailure(error)),
+  })
+}

@@ -1,0 +1,67 @@
+// Waits until the HTTP server inside a guest answers.
+//
+// QEMU's user networking accepts a TCP connection on the forwarded port as soon
+// as QEMU starts, long before the guest listens, so a connect proves nothing:
+// only an HTTP status line does. A probe sent before the guest's network is up
+// is not refused either; its SYN toward the guest is lost and retried on slow
+// timers. So attempts are short and overlap, a new one starting every interval,
+// and the guest's console line (when seen) starts one at once.
+
+import { connect, type Socket } from 'node:net'
+
+export interface ReadinessOptions {
+  host: string
+  port: number
+  path: string
+  intervalMs: number
+  attemptTimeoutMs: number
+  signal: AbortSignal
+  /** Resolves when the guest says on its console that it is ready. */
+  consoleReady?: Promise<void>
+}
+
+/** How many attempts may be in flight at once; more only loads slirp. */
+const maxInFlight = 8
+
+/**
+ * Resolves at the first HTTP answer. Rejects only with the signal's reason:
+ * the caller owns the deadline (AbortSignal.timeout or its own controller).
+ */
+export function waitUntilReady(options: ReadinessOptions): Promise<void> {
+  const { host, port, path, intervalMs, attemptTimeoutMs, signal } = options
+  signal.throwIfAborted()
+  return new Promise((resolve, reject) => {
+    const sockets = new Set<Socket>()
+    let settled = false
+
+    const settle = (error?: unknown) => {
+      if (settled) return
+      settled = true
+      clearInterval(timer)
+      signal.removeEventListener('abort', onAbort)
+      for (const socket of sockets) socket.destroy()
+      if (error === undefined) resolve()
+      else reject(error)
+    }
+    const onAbort = () => settle(signal.reason)
+
+    const attempt = () => {
+      if (settled || sockets.size >= maxInFlight) return
+      const socket = connect({ host, port })
+      sockets.add(socket)
+      socket.setTimeout(attemptTimeoutMs, () => socket.destroy())
+      socket.once('connect', () => socket.write(`GET ${path} HTTP/1.0\r\nHost: ${host}:${port}\r\n\r\n`))
+      socket.once('data', (chunk: Buffer) => {
+        if (chunk.subarray(0, 5).toString('latin1') === 'HTTP/') settle()
+        else socket.destroy()
+      })
+      socket.on('error', () => {})
+      socket.once('close', () => sockets.delete(socket))
+    }
+
+    signal.addEventListener('abort', onAbort, { once: true })
+    const timer = setInterval(attempt, intervalMs)
+    options.consoleReady?.then(attempt, () => {})
+    attempt()
+  })
+}

@@ -1,0 +1,242 @@
+// One QEMU process, from spawn to reaping. A VM serves exactly one request.
+//
+//   created → booting → ready → serving → stopping → stopped
+//
+// The state changes in one place (#enter) and every change is logged. Whoever
+// creates a Vm owns its end: close() (SIGTERM, then SIGKILL after a grace) or
+// destroy() (SIGKILL now). Both are idempotent and both wait until QEMU is reaped.
+
+import { randomBytes } from 'node:crypto'
+import { performance } from 'node:perf_hooks'
+import { execa, type ResultPromise } from 'execa'
+import getPort from 'get-port'
+import type { FastifyBaseLogger as Logger } from 'fastify'
+import type { Config } from '../config.js'
+import { VmcgiError } from '../errors.js'
+import type { AccelDecision } from './accel.js'
+import { buildQemuArgs } from './qemu-args.js'
+import { waitUntilReady } from './readiness.js'
+
+export type VmState = 'created' | 'booting' | 'ready' | 'serving' | 'stopping' | 'stopped'
+
+/** What every VM of one vmcgi process shares: the config and what the host can do. */
+export interface VmEnvironment {
+  config: Config
+  accel: AccelDecision
+  /** Whether QEMU accepts -sandbox. */
+  sandbox: boolean
+  /** Command prefix that makes QEMU die with vmcgi (setpriv --pdeathsig), or []. */
+  deathSignalPrefix: readonly string[]
+}
+
+/** The face of a VM that the server sees; unit tests put a fake behind it. */
+export interface GuestVm {
+  readonly id: string
+  readonly state: VmState
+  /** http://127.0.0.1:PORT once booted. */
+  readonly origin: string
+  /** Milliseconds from spawning QEMU to the guest's first HTTP answer. */
+  readonly bootMs: number
+  readonly accelerated: boolean
+  boot(signal: AbortSignal): Promise<void>
+  markServing(): void
+  consoleTail(): string
+  close(): Promise<void>
+  destroy(): Promise<void>
+}
+
+export type VmFactory = (log: Logger) => GuestVm
+
+/** QEMU loses a race for a port chosen beforehand with this message; try another port. */
+const portTaken = /could not set up host forwarding rule/
+const spawnAttempts = 3
+const stderrTailBytes = 4096
+
+export function createQemuVmFactory(env: VmEnvironment): VmFactory {
+  return (log) => new QemuVm(env, log)
+}
+
+export class QemuVm implements GuestVm {
+  readonly id = `vm-${randomBytes(4).toString('hex')}`
+  #state: VmState = 'created'
+  #env: VmEnvironment
+  #log: Logger
+  #child: ResultPromise | undefined
+  #exited: Promise<unknown> = Promise.resolve()
+  #port = 0
+  #bootMs = 0
+  #console: Tail
+  #stderr = new Tail(stderrTailBytes)
+  /** Aborted when the VM is stopped, so that a boot in progress ends at once. */
+  #stopping = new AbortController()
+
+  constructor(env: VmEnvironment, log: Logger) {
+    this.#env = env
+    this.#log = log.child({ vm: this.id })
+    this.#console = new Tail(env.config.vm.consoleTailBytes)
+  }
+
+  get state(): VmState {
+    return this.#state
+  }
+
+  get origin(): string {
+    return `http://127.0.0.1:${this.#port}`
+  }
+
+  get bootMs(): number {
+    return this.#bootMs
+  }
+
+  get accelerated(): boolean {
+    return this.#env.accel.accel !== 'tcg'
+  }
+
+  consoleTail(): string {
+    return this.#console.text()
+  }
+
+  async boot(signal: AbortSignal): Promise<void> {
+    this.#expect('created', 'boot')
+    this.#enter('booting')
+    const { readiness } = this.#env.config
+    const deadline = new AbortController()
+    const timer = setTimeout(
+      () => deadline.abort(new VmcgiError('BOOT_TIMEOUT', `the guest did not answer within ${readiness.timeoutMs} ms`)),
+      readiness.timeoutMs,
+    )
+    const clientGone = () => new VmcgiError('CLIENT_GONE', 'the client went away while the VM booted')
+    const stopped = () => new VmcgiError('VM_EXITED', 'the VM was stopped while it booted')
+    const started = performance.now()
+    try {
+      for (let attempt = 1; ; attempt++) {
+        const exit = new AbortController()
+        const { consoleReady } = await this.#spawn(exit)
+        const any = AbortSignal.any([signal, deadline.signal, exit.signal, this.#stopping.signal])
+        try {
+          await waitUntilReady({
+            host: '127.0.0.1',
+            port: this.#port,
+            path: readiness.path,
+            intervalMs: readiness.intervalMs,
+            attemptTimeoutMs: readiness.attemptTimeoutMs,
+            signal: any,
+            consoleReady,
+          })
+          break
+        } catch (error) {
+          if (signal.aborted) throw clientGone()
+          if (this.#stopping.signal.aborted) throw stopped()
+          if (exit.signal.aborted && portTaken.test(this.#stderr.text()) && attempt < spawnAttempts) {
+            this.#log.info({ port: this.#port, attempt }, 'host port was taken; retrying with another')
+            this.#stderr = new Tail(stderrTailBytes)
+            continue
+          }
+          throw error
+        }
+      }
+    } catch (error) {
+      this.#log.warn({ err: error, console: this.consoleTail(), stderr: this.#stderr.text() }, 'VM failed to boot')
+      await this.destroy()
+      throw error
+    } finally {
+      clearTimeout(timer)
+    }
+    this.#bootMs = Math.round(performance.now() - started)
+    this.#enter('ready')
+  }
+
+  markServing(): void {
+    this.#expect('ready', 'serve')
+    this.#enter('serving')
+  }
+
+  close(): Promise<void> {
+    return this.#stop('SIGTERM')
+  }
+
+  destroy(): Promise<void> {
+    return this.#stop('SIGKILL')
+  }
+
+  async #stop(signal: 'SIGTERM' | 'SIGKILL'): Promise<void> {
+    if (this.#state === 'stopped') return
+    if (this.#state !== 'stopping') {
+      this.#enter('stopping')
+      this.#stopping.abort()
+    }
+    // SIGTERM escalates to SIGKILL after vm.killGraceMs (execa's forceKillAfterDelay);
+    // a later destroy() sends SIGKILL at once.
+    this.#child?.kill(signal)
+    await this.#exited
+    if ((this.#state as VmState) !== 'stopped') this.#enter('stopped')
+  }
+
+  /** Starts QEMU on a fresh port. Resolves once spawned, with a promise for the console's ready line. */
+  async #spawn(exit: AbortController): Promise<{ consoleReady: Promise<void> }> {
+    const { config, accel, sandbox, deathSignalPrefix } = this.#env
+    this.#port = await getPort({ host: '127.0.0.1' })
+    if (this.#stopping.signal.aborted) throw new VmcgiError('VM_EXITED', 'the VM was stopped before it started')
+    const args = buildQemuArgs({ vm: config.vm, accel: accel.accel, hostPort: this.#port, sandbox, name: this.id })
+    const [file, ...rest] = [...deathSignalPrefix, config.vm.qemu, ...args] as [string, ...string[]]
+    const child = execa(file, rest, {
+      stdin: 'pipe',
+      stdout: 'pipe',
+      stderr: 'pipe',
+      buffer: false,
+      reject: false,
+      cleanup: true,
+      forceKillAfterDelay: Math.max(1, config.vm.killGraceMs),
+    })
+    this.#child = child
+    this.#exited = child.then((result) => {
+      const detail = { exitCode: result.exitCode, signal: result.signal }
+      this.#log.debug(detail, 'QEMU exited')
+      const message = result.failed && result.exitCode === undefined && !result.signal
+        ? `QEMU could not be started: ${result.shortMessage}`
+        : `QEMU exited (${result.signal ?? `status ${result.exitCode}`})`
+      exit.abort(new VmcgiError(result.exitCode === undefined && !result.signal ? 'SPAWN_FAILED' : 'VM_EXITED', message))
+    })
+
+    const readyLine = config.readiness.consoleLine
+    const consoleReady = new Promise<void>((resolve) => {
+      child.stdout!.on('data', (chunk: Buffer) => {
+        this.#console.push(chunk)
+        if (readyLine && this.#console.text().includes(readyLine)) resolve()
+      })
+    })
+    child.stderr!.on('data', (chunk: Buffer) => this.#stderr.push(chunk))
+    this.#log.debug({ port: this.#port, argv: [file, ...rest] }, 'QEMU spawned')
+    return { consoleReady }
+  }
+
+  #expect(state: VmState, operation: string): void {
+    if (this.#state !== state) {
+      throw new VmcgiError('INTERNAL', `cannot ${operation} ${this.id}: it is ${this.#state}, not ${state}`)
+    }
+  }
+
+  #enter(to: VmState): void {
+    this.#log.debug({ from: this.#state, to }, 'VM state')
+    this.#state = to
+  }
+}
+
+/** The last `max` bytes of a stream, for the console and stderr. */
+class Tail {
+  #max: number
+  #buffer = Buffer.alloc(0)
+
+  constructor(max: number) {
+    this.#max = max
+  }
+
+  push(chunk: Buffer): void {
+    const joined = Buffer.concat([this.#buffer, chunk])
+    this.#buffer = joined.length > this.#max ? joined.subarray(joined.length - this.#max) : joined
+  }
+
+  text(): string {
+    return this.#buffer.toString('utf8')
+  }
+}

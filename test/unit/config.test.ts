@@ -1,0 +1,77 @@
+import { join } from 'node:path'
+import { describe, expect, it } from 'vitest'
+import { normalizeConfig } from '../../src/config.js'
+import { ConfigError } from '../../src/errors.js'
+import { fakeImageDir } from '../helpers/fixtures.js'
+
+function fieldOf(thunk: () => unknown): string {
+  try {
+    thunk()
+  } catch (error) {
+    expect(error).toBeInstanceOf(ConfigError)
+    return (error as ConfigError).field
+  }
+  throw new Error('expected a ConfigError')
+}
+
+describe('normalizeConfig', () => {
+  it('applies defaults, resolves paths relative to the config and freezes', () => {
+    const images = fakeImageDir()
+    const config = normalizeConfig(
+      { vm: { kernel: 'Image', initrd: 'initramfs.cpio.gz', qemu: './qemu-system-aarch64' } },
+      { baseDir: images.dir },
+    )
+    expect(config.vm.kernel).toBe(images.kernel)
+    expect(config.vm.initrd).toBe(images.initrd)
+    expect(config.vm.qemu).toBe(images.qemu)
+    expect(config.listen).toEqual({ host: '127.0.0.1', port: 8080 })
+    expect(config.health.path).toBe('/up')
+    expect(config.vm.accel).toBe('auto')
+    expect(config.vm.memoryMiB).toBe(128)
+    expect(config.readiness.path).toBe('/')
+    expect(Object.isFrozen(config.vm)).toBe(true)
+  })
+
+  it('finds a bare qemu name on PATH', () => {
+    const images = fakeImageDir()
+    const config = normalizeConfig(
+      { vm: { kernel: images.kernel, initrd: images.initrd } },
+      { baseDir: '/', env: { PATH: `/nonexistent:${images.dir}` } },
+    )
+    expect(config.vm.qemu).toBe(join(images.dir, 'qemu-system-aarch64'))
+  })
+
+  it('lets --host and --port override the file', () => {
+    const images = fakeImageDir()
+    const config = normalizeConfig(
+      { listen: { port: 1 }, vm: { kernel: 'Image', initrd: 'initramfs.cpio.gz', qemu: images.qemu } },
+      { baseDir: images.dir, overrides: { host: '0.0.0.0', port: 9000 } },
+    )
+    expect(config.listen).toEqual({ host: '0.0.0.0', port: 9000 })
+  })
+
+  it.each([
+    ['an unknown key', { vm: {}, colour: 'blue' }, 'colour'],
+    ['an unknown nested key', { vm: { memoryMb: 128 } }, 'vm.memoryMb'],
+    ['a wrong type', { vm: { memoryMiB: '128' } }, 'vm.memoryMiB'],
+    ['a value out of range', { listen: { port: 70000 }, vm: {} }, 'listen.port'],
+    ['an unknown accelerator', { vm: { accel: 'xen' } }, 'vm.accel'],
+    ['a readiness path without a slash', { vm: {}, readiness: { path: 'up' } }, 'readiness.path'],
+    ['a missing vm section', {}, 'vm'],
+  ])('names the field for %s', (_what, raw, field) => {
+    const images = fakeImageDir()
+    const withFiles = { ...raw, vm: raw.vm && { kernel: images.kernel, initrd: images.initrd, qemu: images.qemu, ...raw.vm } }
+    if (!raw.vm) delete (withFiles as { vm?: unknown }).vm
+    expect(fieldOf(() => normalizeConfig(withFiles, { baseDir: images.dir }))).toBe(field)
+  })
+
+  it('names the missing kernel, initrd and qemu files', () => {
+    const images = fakeImageDir()
+    const base = { kernel: images.kernel, initrd: images.initrd, qemu: images.qemu }
+    const check = (vm: object) => fieldOf(() => normalizeConfig({ vm: { ...base, ...vm } }, { baseDir: images.dir, env: { PATH: '' } }))
+    expect(check({ kernel: 'missing-Image' })).toBe('vm.kernel')
+    expect(check({ initrd: 'missing.cpio.gz' })).toBe('vm.initrd')
+    expect(check({ qemu: 'qemu-system-nothing' })).toBe('vm.qemu')
+    expect(check({ qemu: './Image' })).toBe('vm.qemu')
+  })
+})

@@ -1,0 +1,56 @@
+import { describe, expect, it } from 'vitest'
+import { buildQemuArgs, sandboxArgs } from '../../../src/vm/qemu-args.js'
+import { fakeConfig } from '../../helpers/fixtures.js'
+
+function valueOf(args: string[], flag: string): string | undefined {
+  const index = args.indexOf(flag)
+  return index === -1 ? undefined : args[index + 1]
+}
+
+describe('buildQemuArgs', () => {
+  it('boots the configured kernel with no defaults, no display and no reboot', () => {
+    const { vm } = fakeConfig({ vm: { memoryMiB: 256, cpus: 2, append: 'console=ttyAMA0' } })
+    const args = buildQemuArgs({ vm, accel: 'tcg', hostPort: 40000, sandbox: true, name: 'vm-1' })
+    expect(valueOf(args, '-machine')).toBe('virt')
+    expect(valueOf(args, '-kernel')).toBe(vm.kernel)
+    expect(valueOf(args, '-initrd')).toBe(vm.initrd)
+    expect(valueOf(args, '-append')).toBe('console=ttyAMA0')
+    expect(valueOf(args, '-m')).toBe('256')
+    expect(valueOf(args, '-smp')).toBe('2')
+    expect(valueOf(args, '-display')).toBe('none')
+    expect(valueOf(args, '-name')).toBe('vm-1')
+    expect(args).toContain('-nodefaults')
+    expect(args).toContain('-no-user-config')
+    expect(args).toContain('-no-reboot')
+  })
+
+  it('forwards a port on 127.0.0.1 only, to the guest port, with restricted user networking', () => {
+    const { vm } = fakeConfig({ vm: { guestPort: 8081 } })
+    const args = buildQemuArgs({ vm, accel: 'tcg', hostPort: 41234, sandbox: false, name: 'vm-1' })
+    expect(valueOf(args, '-netdev')).toBe('user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:41234-:8081')
+    expect(valueOf(args, '-device')).toBe('virtio-net-device,netdev=net0')
+  })
+
+  it('uses -cpu max under TCG and -cpu host with KVM', () => {
+    const { vm } = fakeConfig()
+    const tcg = buildQemuArgs({ vm, accel: 'tcg', hostPort: 1, sandbox: false, name: 'x' })
+    const kvm = buildQemuArgs({ vm, accel: 'kvm', hostPort: 1, sandbox: false, name: 'x' })
+    expect([valueOf(tcg, '-accel'), valueOf(tcg, '-cpu')]).toEqual(['tcg', 'max'])
+    expect([valueOf(kvm, '-accel'), valueOf(kvm, '-cpu')]).toEqual(['kvm', 'host'])
+  })
+
+  it('turns off high memory for HVF', () => {
+    const { vm } = fakeConfig()
+    const args = buildQemuArgs({ vm, accel: 'hvf', hostPort: 1, sandbox: false, name: 'x' })
+    expect(valueOf(args, '-machine')).toBe('virt,highmem=off')
+    expect(valueOf(args, '-cpu')).toBe('host')
+  })
+
+  it('adds the seccomp sandbox only where QEMU supports it', () => {
+    const { vm } = fakeConfig()
+    const withSandbox = buildQemuArgs({ vm, accel: 'tcg', hostPort: 1, sandbox: true, name: 'x' })
+    const without = buildQemuArgs({ vm, accel: 'tcg', hostPort: 1, sandbox: false, name: 'x' })
+    expect(valueOf(withSandbox, '-sandbox')).toBe(sandboxArgs[1])
+    expect(without).not.toContain('-sandbox')
+  })
+})
