@@ -3,7 +3,7 @@
 // so that tests can inject() or listen on port 0.
 
 import replyFrom from '@fastify/reply-from'
-import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import { Agent } from 'undici'
 import type { Config } from './config.js'
 import { toVmcgiError, type VmcgiError } from './errors.js'
@@ -30,7 +30,8 @@ declare module 'fastify' {
 export async function buildServer(config: Config, deps: ServerDeps): Promise<FastifyInstance> {
   const app = Fastify({
     ...(deps.logger ? { loggerInstance: deps.logger } : { logger: { level: config.log.level } }),
-    disableRequestLogging: true,
+    // One log line per request, written by the onResponse hook below.
+    logController: new LogController({ disableRequestLogging: true }),
     requestIdHeader: 'x-request-id',
     // Allow a guest the whole of its boot and answer; the per-phase timeouts end a request sooner.
     requestTimeout: 0,

@@ -50,7 +50,7 @@ describe('normalizeConfig', () => {
     expect(config.listen).toEqual({ host: '0.0.0.0', port: 9000 })
   })
 
-  it.each([
+  it.each<[string, Record<string, unknown>, string]>([
     ['an unknown key', { vm: {}, colour: 'blue' }, 'colour'],
     ['an unknown nested key', { vm: { memoryMb: 128 } }, 'vm.memoryMb'],
     ['a wrong type', { vm: { memoryMiB: '128' } }, 'vm.memoryMiB'],
@@ -60,8 +60,8 @@ describe('normalizeConfig', () => {
     ['a missing vm section', {}, 'vm'],
   ])('names the field for %s', (_what, raw, field) => {
     const images = fakeImageDir()
-    const withFiles = { ...raw, vm: raw.vm && { kernel: images.kernel, initrd: images.initrd, qemu: images.qemu, ...raw.vm } }
-    if (!raw.vm) delete (withFiles as { vm?: unknown }).vm
+    const withFiles = { ...raw }
+    if (raw.vm) withFiles.vm = { kernel: images.kernel, initrd: images.initrd, qemu: images.qemu, ...(raw.vm as object) }
     expect(fieldOf(() => normalizeConfig(withFiles, { baseDir: images.dir }))).toBe(field)
   })
 

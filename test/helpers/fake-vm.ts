@@ -1,0 +1,80 @@
+// A stand-in for a QEMU VM: its "guest" is an HTTP server on loopback that
+// the test provides. It records how it was ended, so that tests can check that
+// every VM is stopped.
+
+import { createServer, type RequestListener, type Server } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { onTestFinished } from 'vitest'
+import { VmcgiError } from '../../src/errors.js'
+import type { GuestVm, VmFactory, VmState } from '../../src/vm/vm.js'
+
+export type BootBehaviour = 'ok' | 'hang' | 'exit'
+
+export class FakeVm implements GuestVm {
+  static count = 0
+  readonly id = `fake-${++FakeVm.count}`
+  state: VmState = 'created'
+  bootMs = 0
+  readonly accelerated = false
+  #guest: Server | undefined
+  #behaviour: BootBehaviour
+  #handler: RequestListener
+  #endedResolve: () => void = () => {}
+  /** Resolves once the VM has been stopped. */
+  readonly ended = new Promise<void>((resolve) => (this.#endedResolve = resolve))
+
+  constructor(behaviour: BootBehaviour, handler: RequestListener) {
+    this.#behaviour = behaviour
+    this.#handler = handler
+  }
+
+  get origin(): string {
+    return `http://127.0.0.1:${(this.#guest!.address() as AddressInfo).port}`
+  }
+
+  async boot(signal: AbortSignal): Promise<void> {
+    this.state = 'booting'
+    if (this.#behaviour === 'exit') throw new VmcgiError('VM_EXITED', 'QEMU exited (status 1)')
+    if (this.#behaviour === 'hang') {
+      await new Promise((_resolve, reject) => signal.addEventListener('abort', () => reject(new VmcgiError('CLIENT_GONE', 'gone'))))
+    }
+    this.#guest = createServer(this.#handler)
+    await new Promise<void>((resolve) => this.#guest!.listen(0, '127.0.0.1', resolve))
+    this.bootMs = 42
+    this.state = 'ready'
+  }
+
+  markServing(): void {
+    this.state = 'serving'
+  }
+
+  consoleTail(): string {
+    return 'fake console\n'
+  }
+
+  async close(): Promise<void> {
+    return this.destroy()
+  }
+
+  async destroy(): Promise<void> {
+    if (this.state === 'stopped') return
+    this.state = 'stopped'
+    this.#guest?.closeAllConnections()
+    await new Promise((resolve) => (this.#guest ? this.#guest.close(resolve) : resolve(undefined)))
+    this.#endedResolve()
+  }
+}
+
+/** A factory that makes FakeVms and remembers them; each is destroyed when the test ends. */
+export function fakeVmFactory(behaviour: BootBehaviour, handler: RequestListener): { createVm: VmFactory; vms: FakeVm[] } {
+  const vms: FakeVm[] = []
+  onTestFinished(() => Promise.all(vms.map((vm) => vm.destroy())).then(() => undefined))
+  return {
+    vms,
+    createVm: () => {
+      const vm = new FakeVm(behaviour, handler)
+      vms.push(vm)
+      return vm
+    },
+  }
+}

@@ -1,0 +1,58 @@
+import { createServer as createHttpServer } from 'node:http'
+import { createServer, type AddressInfo, type Server } from 'node:net'
+import { describe, expect, it, onTestFinished } from 'vitest'
+import { waitUntilReady } from '../../../src/vm/readiness.js'
+
+async function listen(server: Server): Promise<number> {
+  onTestFinished(() => new Promise((resolve) => server.close(resolve)))
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  return (server.address() as AddressInfo).port
+}
+
+const options = { host: '127.0.0.1', path: '/', intervalMs: 10, attemptTimeoutMs: 100 }
+
+describe('waitUntilReady', () => {
+  it('resolves at the first HTTP answer, whatever its status', async () => {
+    const port = await listen(createHttpServer((_req, res) => res.writeHead(404).end()))
+    await expect(waitUntilReady({ ...options, port, signal: AbortSignal.timeout(5_000) })).resolves.toBeUndefined()
+  })
+
+  it('does not take an accepted-then-closed connection for readiness', async () => {
+    // What QEMU's user networking does before the guest listens.
+    const port = await listen(createServer((socket) => socket.destroy()))
+    const started = Date.now()
+    await expect(waitUntilReady({ ...options, port, signal: AbortSignal.timeout(400) })).rejects.toMatchObject({ name: 'TimeoutError' })
+    expect(Date.now() - started).toBeGreaterThanOrEqual(350)
+  })
+
+  it('does not take garbage for an HTTP answer', async () => {
+    const port = await listen(createServer((socket) => socket.resume().end('hello\r\n')))
+    await expect(waitUntilReady({ ...options, port, signal: AbortSignal.timeout(300) })).rejects.toMatchObject({ name: 'TimeoutError' })
+  })
+
+  it('probes at once when the console says the guest is ready', async () => {
+    // The first probe is dropped, as before the guest listens; with a one-minute
+    // interval only the console's nudge can start the probe that succeeds.
+    const answer = createHttpServer((_req, res) => res.end('ok'))
+    let connections = 0
+    const port = await listen(createServer((socket) => {
+      if (++connections === 1) socket.destroy()
+      else answer.emit('connection', socket)
+    }))
+    let consoleSaysReady!: () => void
+    const consoleReady = new Promise<void>((resolve) => (consoleSaysReady = resolve))
+    const waiting = waitUntilReady({ ...options, port, intervalMs: 60_000, signal: AbortSignal.timeout(5_000), consoleReady })
+    await expect.poll(() => connections).toBe(1)
+    consoleSaysReady()
+    await expect(waiting).resolves.toBeUndefined()
+    expect(connections).toBe(2)
+  })
+
+  it('rejects with the reason of its signal', async () => {
+    const port = await listen(createServer((socket) => socket.resume()))
+    const abort = new AbortController()
+    const waiting = waitUntilReady({ ...options, port, signal: abort.signal })
+    abort.abort(new Error('client gone'))
+    await expect(waiting).rejects.toThrow('client gone')
+  })
+})
