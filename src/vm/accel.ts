@@ -37,10 +37,10 @@ export function chooseAccel(requested: AccelChoice, guest: GuestArch, host: Host
   if (host.platform === 'darwin') {
     return native
       ? { accel: 'hvf', reason: `macOS on ${host.cpuArch} runs ${guest} guests with Hypervisor.framework` }
-      : { accel: 'tcg', reason: `a ${guest} guest cannot use hvf on a ${host.cpuArch} Mac` }
+      : { accel: 'tcg', reason: `hvf cannot run ${guest} guests on this ${host.cpuArch} Mac` }
   }
   if (host.platform !== 'linux') return { accel: 'tcg', reason: `no accelerator known on ${host.platform}` }
-  if (!native) return { accel: 'tcg', reason: `a ${guest} guest cannot use KVM on a ${host.cpuArch} host` }
+  if (!native) return { accel: 'tcg', reason: `KVM cannot run ${guest} guests on this ${host.cpuArch} host` }
   if (host.kvmProblem) return { accel: 'tcg', reason: host.kvmProblem }
   return { accel: 'kvm', reason: `/dev/kvm is usable and the guest is ${guest} like the host` }
 }
