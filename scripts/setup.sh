@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs whatever vmcgi still lacks on a Debian machine with Node 20, then
+# builds it: Debian packages, npm packages, the TypeScript and the default guest
+# image. Each step is skipped when it is already done, so running it again is cheap.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '==> %s\n' "$*"; }
+
+# qemu-system-arm ships qemu-system-aarch64; without recommends it skips ~258 MiB
+# of UEFI firmware that a -kernel boot does not need. procps gives pgrep (tests),
+# util-linux gives setpriv (QEMU dies with vmcgi).
+packages=(qemu-system-arm procps util-linux)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  step "installing Debian packages: ${missing[*]}"
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: run as root, or install them first: sudo apt-get install --no-install-recommends ${missing[*]}" >&2
+    exit 1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json ]]; then
+  step 'installing npm packages (npm ci)'
+  npm ci --no-audit --no-fund
+fi
+
+step 'building TypeScript'
+npm run --silent build
+
+step 'building the default guest image'
+npm run --silent images
