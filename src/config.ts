@@ -3,6 +3,7 @@
 // for undefined.
 
 import { accessSync, constants, readFileSync, statSync } from 'node:fs'
+import { availableParallelism, totalmem } from 'node:os'
 import { delimiter, dirname, isAbsolute, join, resolve } from 'node:path'
 import { Ajv, type ErrorObject } from 'ajv'
 import { ConfigError } from './errors.js'
@@ -42,6 +43,18 @@ export interface Config {
     readonly headersMs: number
     /** Longest silence while the guest sends the response body. */
     readonly bodyIdleMs: number
+    /** The whole request, from arrival to the last byte of the response. */
+    readonly requestMs: number
+  }
+  readonly limits: {
+    /** VMs running at once; by default sized from the host's memory and CPUs. */
+    readonly maxVms: number
+    readonly queue: { readonly size: number; readonly maxWaitMs: number }
+    readonly bodyLimitBytes: number
+  }
+  readonly shutdown: {
+    /** How long requests in flight may go on after SIGTERM before their VMs are killed. */
+    readonly drainMs: number
   }
 }
 
@@ -112,9 +125,34 @@ const schema = {
       additionalProperties: false,
       default: {},
       properties: {
-        headersMs: { ...positiveInt, default: 20000 },
+        headersMs: { ...positiveInt, default: 15000 },
         bodyIdleMs: { ...positiveInt, default: 10000 },
+        requestMs: { ...positiveInt, default: 25000 },
       },
+    },
+    limits: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: {
+        maxVms: positiveInt,
+        queue: {
+          type: 'object',
+          additionalProperties: false,
+          default: {},
+          properties: {
+            size: { type: 'integer', minimum: 0, maximum: 100000 },
+            maxWaitMs: { ...positiveInt, default: 5000 },
+          },
+        },
+        bodyLimitBytes: { type: 'integer', minimum: 0, default: 10 * 1024 * 1024 },
+      },
+    },
+    shutdown: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: { drainMs: { type: 'integer', minimum: 0, maximum: 60000, default: 5000 } },
     },
   },
   required: ['vm'],
@@ -148,7 +186,12 @@ export function loadConfig(file: string, overrides: Overrides = {}): Config {
 /** Applies defaults and overrides, validates, resolves paths and freezes. */
 export function normalizeConfig(
   raw: unknown,
-  { baseDir, overrides = {}, env = process.env }: { baseDir: string; overrides?: Overrides; env?: NodeJS.ProcessEnv },
+  { baseDir, overrides = {}, env = process.env, host = hostSize() }: {
+    baseDir: string
+    overrides?: Overrides
+    env?: NodeJS.ProcessEnv
+    host?: HostSize
+  },
 ): Config {
   const candidate = structuredClone(raw) as Record<string, any>
   if (candidate && typeof candidate === 'object' && !Array.isArray(candidate)) {
@@ -157,12 +200,35 @@ export function normalizeConfig(
     if (overrides.port !== undefined) candidate.listen.port = overrides.port
   }
   if (!validate(candidate)) throw toConfigError(validate.errors![0]!)
+  const valid = candidate as Record<string, any>
 
-  const vm = candidate.vm as Record<'kernel' | 'initrd' | 'qemu', string>
+  const vm = valid.vm as Record<'kernel' | 'initrd' | 'qemu', string>
   vm.kernel = readableFile('vm.kernel', resolve(baseDir, vm.kernel))
   vm.initrd = readableFile('vm.initrd', resolve(baseDir, vm.initrd))
   vm.qemu = findExecutable('vm.qemu', vm.qemu, baseDir, env.PATH ?? '')
-  return deepFreeze(candidate as unknown as Config)
+  const limits = valid.limits as { maxVms?: number; queue: { size?: number } }
+  limits.maxVms ??= defaultMaxVms(valid.vm.memoryMiB, host)
+  limits.queue.size ??= limits.maxVms * 4
+  return deepFreeze(valid as Config)
+}
+
+export interface HostSize {
+  cpus: number
+  memoryMiB: number
+}
+
+function hostSize(): HostSize {
+  return { cpus: availableParallelism(), memoryMiB: Math.floor(totalmem() / 2 ** 20) }
+}
+
+/**
+ * Booting is CPU-bound, so two VMs per core keep the CPUs busy without
+ * starving them; and VMs may take at most half of the host's memory, counting
+ * about 64 MiB of QEMU's own on top of the guest's.
+ */
+export function defaultMaxVms(guestMemoryMiB: number, host: HostSize): number {
+  const byMemory = Math.floor(host.memoryMiB / 2 / (guestMemoryMiB + 64))
+  return Math.max(1, Math.min(host.cpus * 2, byMemory))
 }
 
 function toConfigError(error: ErrorObject): ConfigError {

@@ -2,18 +2,27 @@
 // the HTTP status the client gets and the short reason sent as `vmcgi-status`.
 // server.ts turns these into responses in exactly one place.
 
+// A failure after the response headers were sent cannot change the status: the
+// connection is cut instead, and the reason goes to the log.
 export const failures = {
+  OVERLOADED: { statusCode: 503, status: 'overloaded' },
+  SHUTTING_DOWN: { statusCode: 503, status: 'shutting-down' },
+  BODY_TOO_LARGE: { statusCode: 413, status: 'body-too-large' },
   BOOT_TIMEOUT: { statusCode: 504, status: 'boot-timeout' },
   VM_EXITED: { statusCode: 502, status: 'vm-exited' },
   SPAWN_FAILED: { statusCode: 502, status: 'spawn-failed' },
   GUEST_UNREACHABLE: { statusCode: 502, status: 'guest-unreachable' },
-  GUEST_TIMEOUT: { statusCode: 504, status: 'guest-timeout' },
+  HEADERS_TIMEOUT: { statusCode: 504, status: 'headers-timeout' },
+  BODY_TIMEOUT: { statusCode: 504, status: 'body-timeout' },
+  REQUEST_TIMEOUT: { statusCode: 504, status: 'request-timeout' },
   GUEST_BAD_RESPONSE: { statusCode: 502, status: 'guest-bad-response' },
   CLIENT_GONE: { statusCode: 499, status: 'client-gone' },
-  SHUTTING_DOWN: { statusCode: 503, status: 'shutting-down' },
   BAD_REQUEST: { statusCode: 400, status: 'bad-request' },
   INTERNAL: { statusCode: 500, status: 'internal-error' },
 } as const
+
+/** Failures worth retrying later: the client is told when, with Retry-After (seconds). */
+export const retryAfterSeconds: Partial<Record<FailureCode, number>> = { OVERLOADED: 1, SHUTTING_DOWN: 5 }
 
 export type FailureCode = keyof typeof failures
 

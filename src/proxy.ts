@@ -59,10 +59,11 @@ export function guestFailure(error: Error & { code?: string }): VmcgiError {
   const code = cause.code ?? error.code
   switch (code) {
     case 'UND_ERR_HEADERS_TIMEOUT':
-    case 'UND_ERR_BODY_TIMEOUT':
     case 'FST_REPLY_FROM_TIMEOUT':
     case 'FST_REPLY_FROM_GATEWAY_TIMEOUT':
-      return new VmcgiError('GUEST_TIMEOUT', 'the guest did not answer in time', { cause: error })
+      return new VmcgiError('HEADERS_TIMEOUT', 'the guest sent no response headers in time', { cause: error })
+    case 'UND_ERR_BODY_TIMEOUT':
+      return new VmcgiError('BODY_TIMEOUT', 'the guest stopped sending its body', { cause: error })
     case 'FST_REPLY_FROM_BAD_GATEWAY':
     case 'HPE_INVALID_CONSTANT':
     case 'HPE_INVALID_STATUS':
@@ -75,7 +76,16 @@ export function guestFailure(error: Error & { code?: string }): VmcgiError {
 }
 
 
-export function forwardToVm(request: FastifyRequest, reply: FastifyReply, vm: GuestVm): FastifyReply {
+/**
+ * `explain` turns what went wrong while forwarding into a failure: the request's
+ * own reason (timeout, client gone) when there is one, or what the guest did.
+ */
+export function forwardToVm(
+  request: FastifyRequest,
+  reply: FastifyReply,
+  vm: GuestVm,
+  explain: (error: Error & { code?: string }) => VmcgiError,
+): FastifyReply {
   vm.markServing()
   return reply.from(request.url, {
     getUpstream: () => vm.origin,
@@ -84,6 +94,6 @@ export function forwardToVm(request: FastifyRequest, reply: FastifyReply, vm: Gu
     rewriteRequestHeaders: (_request, headers) =>
       toGuestHeaders(headers, { ip: request.ip, proto: request.protocol, host: request.headers.host }),
     rewriteHeaders: (headers) => toClientHeaders(headers, vm),
-    onError: (failed, { error }) => failed.send(guestFailure(error)),
+    onError: (failed, { error }) => failed.send(explain(error)),
   })
 }

@@ -2,12 +2,14 @@
 // failure becomes an HTTP status and a vmcgi-status reason. No listen() here,
 // so that tests can inject() or listen on port 0.
 
+import { Transform, type Readable } from 'node:stream'
 import replyFrom from '@fastify/reply-from'
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import { Agent } from 'undici'
 import type { Config } from './config.js'
-import { toVmcgiError, type VmcgiError } from './errors.js'
-import { forwardToVm } from './proxy.js'
+import { Admission } from './admission.js'
+import { retryAfterSeconds, toVmcgiError, VmcgiError } from './errors.js'
+import { forwardToVm, guestFailure } from './proxy.js'
 import type { GuestVm, VmFactory } from './vm/vm.js'
 
 export interface ServerDeps {
@@ -25,6 +27,11 @@ declare module 'fastify' {
   interface FastifyRequest {
     vmcgi: RequestState
   }
+  interface FastifyInstance {
+    /** Kills every VM now; requests in flight on them fail. */
+    destroyAllVms(): Promise<void>
+    admission: Admission
+  }
 }
 
 export async function buildServer(config: Config, deps: ServerDeps): Promise<FastifyInstance> {
@@ -33,8 +40,10 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     // One log line per request, written by the onResponse hook below.
     logController: new LogController({ disableRequestLogging: true }),
     requestIdHeader: 'x-request-id',
-    // Allow a guest the whole of its boot and answer; the per-phase timeouts end a request sooner.
+    // timeouts.requestMs bounds a request; Node's own timer would answer without vmcgi-status.
     requestTimeout: 0,
+    // Answered below, with vmcgi-status and Retry-After.
+    return503OnClosing: false,
   }) as unknown as FastifyInstance
 
   // One Agent for all VMs: each VM is a new origin, and undici (≥ 7.15) drops
@@ -47,19 +56,43 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
   })
   await app.register(replyFrom, { undici: agent, disableCache: true, disableRequestLogging: true })
 
+  const admission = new Admission({
+    maxVms: config.limits.maxVms,
+    queueSize: config.limits.queue.size,
+    maxWaitMs: config.limits.queue.maxWaitMs,
+  })
   const live = new Set<GuestVm>()
-  app.addHook('onClose', async () => {
+  app.decorate('admission', admission)
+  app.decorate('destroyAllVms', async () => {
     await Promise.all([...live].map((vm) => vm.destroy()))
+  })
+  let closing = false
+  app.addHook('preClose', async () => {
+    closing = true
+  })
+  app.addHook('onClose', async () => {
+    await app.destroyAllVms()
     await agent.close()
   })
 
   // Bodies go to the guest as they arrive: nothing is parsed or buffered here.
+  // A body without Content-Length is counted on its way through instead.
   app.removeAllContentTypeParsers()
-  app.addContentTypeParser('*', (_request, payload, done) => done(null, payload))
+  app.addContentTypeParser('*', (request, payload, done) => {
+    if (request.headers['content-length'] !== undefined) return done(null, payload)
+    done(null, limitBody(payload, config.limits.bodyLimitBytes, (failure) => (request.vmcgi.failure = failure)))
+  })
 
   app.decorateRequest('vmcgi', null as unknown as RequestState)
-  app.addHook('onRequest', async (request) => {
+  app.addHook('onRequest', async (request, reply) => {
     request.vmcgi = { vm: undefined, failure: undefined }
+    if (closing) {
+      reply.header('connection', 'close')
+      throw new VmcgiError('SHUTTING_DOWN', 'vmcgi is shutting down')
+    }
+  })
+  app.addHook('onSend', async (_request, reply) => {
+    if (closing) reply.header('connection', 'close')
   })
 
   app.get(config.health.path, async (_request, reply) => {
@@ -68,17 +101,43 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
   })
 
   app.all('/*', async (request, reply) => {
+    const declared = Number(request.headers['content-length'] ?? 0)
+    if (declared > config.limits.bodyLimitBytes) {
+      throw new VmcgiError('BODY_TOO_LARGE', `the body is over ${config.limits.bodyLimitBytes} bytes`)
+    }
+
+    // Aborted when the client goes or the request runs out of time; the
+    // reason says which, and every wait below ends with it.
+    const ended = new AbortController()
+    const timer = setTimeout(
+      () => ended.abort(new VmcgiError('REQUEST_TIMEOUT', `the request took over ${config.timeouts.requestMs} ms`)),
+      config.timeouts.requestMs,
+    )
+    reply.raw.once('close', () => {
+      clearTimeout(timer)
+      ended.abort(new VmcgiError('CLIENT_GONE', 'the client went away'))
+    })
+    ended.signal.addEventListener('abort', () => {
+      // After the headers, a timeout can only cut the response; keep why for the log.
+      if (reply.raw.headersSent && !reply.raw.writableFinished) request.vmcgi.failure ??= ended.signal.reason
+    })
+
+    const release = await admission.acquire(ended.signal)
     const vm = deps.createVm(request.log)
     request.vmcgi.vm = vm
     live.add(vm)
-    const clientGone = new AbortController()
-    // Fires once the response is complete or the client has gone: either way the VM dies.
-    reply.raw.once('close', () => {
-      clientGone.abort()
-      void vm.close().finally(() => live.delete(vm))
-    })
-    await vm.boot(clientGone.signal)
-    return forwardToVm(request, reply, vm)
+    const stop = () => {
+      void vm.close().finally(() => {
+        live.delete(vm)
+        release()
+      })
+    }
+    // Either way the request ends, the VM dies with it.
+    ended.signal.addEventListener('abort', stop, { once: true })
+    if (ended.signal.aborted) stop()
+
+    await vm.boot(ended.signal)
+    return forwardToVm(request, reply, vm, (error) => ended.signal.aborted ? ended.signal.reason : request.vmcgi.failure ?? guestFailure(error))
   })
 
   app.setErrorHandler((error, request, reply) => sendFailure(request, reply, toVmcgiError(error)))
@@ -102,19 +161,37 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
 
 /** The one place where a failure becomes an HTTP answer. */
 function sendFailure(request: FastifyRequest, reply: FastifyReply, failure: VmcgiError): void {
-  request.vmcgi.failure = failure
+  request.vmcgi ??= { vm: undefined, failure: undefined }
+  request.vmcgi.failure ??= failure
   const vm = request.vmcgi.vm
-  const level = failure.statusCode >= 500 ? 'warn' : 'info'
+  const level = failure.statusCode >= 500 && failure.code !== 'OVERLOADED' ? 'warn' : 'info'
   request.log[level]({ err: failure, vm: vm?.id, console: vm?.consoleTail() || undefined }, failure.message)
-  if (reply.raw.headersSent || reply.raw.destroyed) {
+  if (reply.sent || reply.raw.headersSent || reply.raw.destroyed) {
     // Mid-body: nothing honest can be added, so the client sees the stream cut.
     reply.raw.destroy()
     return
   }
+  const retryAfter = retryAfterSeconds[failure.code]
+  if (retryAfter !== undefined) reply.header('retry-after', String(retryAfter))
   const message = failure.code === 'INTERNAL' ? 'internal error' : failure.message
   reply
     .code(failure.statusCode)
     .header('vmcgi-status', failure.status)
     .type('text/plain; charset=utf-8')
     .send(`vmcgi: ${failure.status}: ${message}\n`)
+}
+
+/** Passes a body through, failing it once it grows past `limit` bytes. */
+function limitBody(body: Readable, limit: number, onTooLarge: (failure: VmcgiError) => void): Readable {
+  let seen = 0
+  const counted = new Transform({
+    transform(chunk: Buffer, _encoding, callback) {
+      seen += chunk.length
+      if (seen <= limit) return callback(null, chunk)
+      const failure = new VmcgiError('BODY_TOO_LARGE', `the body is over ${limit} bytes`)
+      onTooLarge(failure)
+      callback(failure)
+    },
+  })
+  return body.pipe(counted)
 }

@@ -105,7 +105,6 @@ export class QemuVm implements GuestVm {
       () => deadline.abort(new VmcgiError('BOOT_TIMEOUT', `the guest did not answer within ${readiness.timeoutMs} ms`)),
       readiness.timeoutMs,
     )
-    const clientGone = () => new VmcgiError('CLIENT_GONE', 'the client went away while the VM booted')
     const stopped = () => new VmcgiError('VM_EXITED', 'the VM was stopped while it booted')
     const started = performance.now()
     try {
@@ -125,7 +124,7 @@ export class QemuVm implements GuestVm {
           })
           break
         } catch (error) {
-          if (signal.aborted) throw clientGone()
+          if (signal.aborted) throw signal.reason
           if (this.#stopping.signal.aborted) throw stopped()
           if (exit.signal.aborted && portTaken.test(this.#stderr.text()) && attempt < spawnAttempts) {
             this.#log.info({ port: this.#port, attempt }, 'host port was taken; retrying with another')

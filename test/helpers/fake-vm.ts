@@ -36,7 +36,7 @@ export class FakeVm implements GuestVm {
     this.state = 'booting'
     if (this.#behaviour === 'exit') throw new VmcgiError('VM_EXITED', 'QEMU exited (status 1)')
     if (this.#behaviour === 'hang') {
-      await new Promise((_resolve, reject) => signal.addEventListener('abort', () => reject(new VmcgiError('CLIENT_GONE', 'gone'))))
+      await new Promise((_resolve, reject) => signal.addEventListener('abort', () => reject(signal.reason)))
     }
     this.#guest = createServer(this.#handler)
     await new Promise<void>((resolve) => this.#guest!.listen(0, '127.0.0.1', resolve))

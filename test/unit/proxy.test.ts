@@ -60,7 +60,8 @@ describe('toClientHeaders', () => {
 
 describe('guestFailure', () => {
   it.each([
-    ['UND_ERR_HEADERS_TIMEOUT', 'GUEST_TIMEOUT', 504],
+    ['UND_ERR_HEADERS_TIMEOUT', 'HEADERS_TIMEOUT', 504],
+    ['UND_ERR_BODY_TIMEOUT', 'BODY_TIMEOUT', 504],
     ['UND_ERR_SOCKET', 'GUEST_UNREACHABLE', 502],
     ['ECONNRESET', 'GUEST_UNREACHABLE', 502],
     ['ECONNREFUSED', 'GUEST_UNREACHABLE', 502],

@@ -5,6 +5,7 @@ import { buildServer } from '../../src/server.js'
 import { fakeVmFactory, type BootBehaviour } from '../helpers/fake-vm.js'
 import { fakeConfig } from '../helpers/fixtures.js'
 import type { RequestListener } from 'node:http'
+import { Readable } from 'node:stream'
 
 const echoGuest: RequestListener = (req, res) => {
   const chunks: Buffer[] = []
@@ -92,11 +93,11 @@ describe('buildServer', () => {
     await res.body.text()
   })
 
-  it('answers 504 guest-timeout when the guest sends no headers in time', async () => {
+  it('answers 504 headers-timeout when the guest sends no headers in time', async () => {
     const { address } = await start('ok', () => {}, { timeouts: { headersMs: 200 } })
     const res = await request(`${address}/`)
     expect(res.statusCode).toBe(504)
-    expect(res.headers['vmcgi-status']).toBe('guest-timeout')
+    expect(res.headers['vmcgi-status']).toBe('headers-timeout')
     await res.body.text()
   })
 
@@ -110,4 +111,59 @@ describe('buildServer', () => {
     await vms[0]!.ended
     expect(vms[0]!.state).toBe('stopped')
   })
+
+  it('refuses a body over limits.bodyLimitBytes with 413 before any VM boots', async () => {
+    const { address, vms } = await start('ok', echoGuest, { limits: { bodyLimitBytes: 10 } })
+    const res = await request(`${address}/cgi-bin/echo`, { method: 'POST', body: 'x'.repeat(11) })
+    expect(res.statusCode).toBe(413)
+    expect(res.headers['vmcgi-status']).toBe('body-too-large')
+    await res.body.text()
+    expect(vms).toHaveLength(0)
+  })
+
+  it('refuses a chunked body that grows past the limit with 413', async () => {
+    const { address, vms } = await start('ok', echoGuest, { limits: { bodyLimitBytes: 1000 } })
+    const chunks = Readable.from(Array.from({ length: 10 }, () => Buffer.alloc(500, 'x')))
+    const res = await request(`${address}/cgi-bin/echo`, { method: 'POST', body: chunks })
+    expect(res.statusCode).toBe(413)
+    expect(res.headers['vmcgi-status']).toBe('body-too-large')
+    await res.body.text()
+    await vms[0]!.ended
+  })
+
+  it('answers 503 overloaded with Retry-After when VMs and queue are full', async () => {
+    const { address, vms } = await start('hang', echoGuest, { limits: { maxVms: 1, queue: { size: 0 } } })
+    const abort = new AbortController()
+    const first = request(`${address}/`, { signal: abort.signal }).catch(() => undefined)
+    await expect.poll(() => vms.length).toBe(1)
+    const res = await request(`${address}/`)
+    expect(res.statusCode).toBe(503)
+    expect(res.headers['vmcgi-status']).toBe('overloaded')
+    expect(res.headers['retry-after']).toBe('1')
+    await res.body.text()
+    expect(vms).toHaveLength(1)
+    abort.abort()
+    await first
+  })
+
+  it('answers 504 request-timeout and stops the VM when the whole request takes too long', async () => {
+    const { address, vms } = await start('hang', echoGuest, { timeouts: { requestMs: 300 } })
+    const res = await request(`${address}/`)
+    expect(res.statusCode).toBe(504)
+    expect(res.headers['vmcgi-status']).toBe('request-timeout')
+    await res.body.text()
+    await vms[0]!.ended
+  })
+
+  it('cuts a response whose body goes silent, and stops the VM', async () => {
+    const { address, vms } = await start('ok', (_req, res) => {
+      res.writeHead(200, { 'content-length': '100' })
+      res.write('partial')
+    }, { timeouts: { bodyIdleMs: 300 } })
+    const res = await request(`${address}/`)
+    expect(res.statusCode).toBe(200)
+    await expect(res.body.text()).rejects.toThrow()
+    await vms[0]!.ended
+  })
 })
+
