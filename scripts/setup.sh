@@ -35,3 +35,6 @@ npm run --silent build
 
 step 'building the default guest image'
 npm run --silent images
+
+step 'building the test guest image (the same kernel, images/test-site)'
+npm run --silent images -- --site images/test-site --out images/out/test-site

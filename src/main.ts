@@ -4,10 +4,12 @@
 
 import { parseArgs } from 'node:util'
 import closeWithGrace from 'close-with-grace'
+import type { FastifyInstance } from 'fastify'
+import { pino } from 'pino'
 import { loadConfig, type Overrides } from './config.js'
 import { ConfigError } from './errors.js'
 import { buildServer } from './server.js'
-import { probeHost } from './vm/host.js'
+import { preflightBoot, probeHost } from './vm/host.js'
 import { createQemuVmFactory } from './vm/vm.js'
 
 const usage = 'usage: vmcgi --config FILE [--host ADDR] [--port N]'
@@ -48,8 +50,10 @@ function parseCli(argv: string[]): { configFile: string; overrides: Overrides } 
 async function main(): Promise<void> {
   const { configFile, overrides } = parseCli(process.argv.slice(2))
   const config = loadConfig(configFile, overrides)
-  const host = await probeHost(config)
-  const app = await buildServer(config, { createVm: createQemuVmFactory(host) })
+  const log = pino({ level: config.log.level })
+  const host = await preflightBoot(await probeHost(config), log)
+  const app = await buildServer(config, { createVm: createQemuVmFactory(host), logger: log })
+  app.log.info({ maxVms: config.limits.maxVms, queue: config.limits.queue }, `at most ${config.limits.maxVms} VMs at once`)
   app.log.info({
     qemu: config.vm.qemu,
     qemuVersion: host.qemuVersion,
@@ -59,12 +63,29 @@ async function main(): Promise<void> {
     dieWithVmcgi: host.deathSignalPrefix.length > 0,
   }, `accelerator: ${host.accel.accel} (${host.accel.reason})`)
 
-  closeWithGrace({ delay: 8_000 }, async ({ signal, err }) => {
+  // A second signal, or a close that overruns the drain by more than a
+  // second, exits at once; QEMU dies with vmcgi either way.
+  closeWithGrace({ delay: config.shutdown.drainMs + 1_000, logger: { error: (message: unknown) => app.log.error(message) } }, async ({ signal, err }) => {
     if (err) app.log.error({ err }, 'closing after an error')
-    else app.log.info({ signal }, 'closing')
-    await app.close()
+    else app.log.info({ signal, drainMs: config.shutdown.drainMs }, 'closing: draining requests in flight')
+    await closeGracefully(app, config.shutdown.drainMs)
+    app.log.info('closed')
   })
   await app.listen({ host: config.listen.host, port: config.listen.port })
+}
+
+/** Stops accepting, lets requests in flight finish for up to `drainMs`, then kills what is left. */
+async function closeGracefully(app: FastifyInstance, drainMs: number): Promise<void> {
+  const force = setTimeout(() => {
+    app.log.warn({ drainMs }, 'drain timeout: killing the VMs still serving')
+    void app.destroyAllVms()
+    app.server.closeAllConnections()
+  }, drainMs)
+  try {
+    await app.close()
+  } finally {
+    clearTimeout(force)
+  }
 }
 
 main().catch((error: unknown) => {

@@ -7,9 +7,11 @@ import { VmcgiError } from './errors.js'
 import type { GuestVm } from './vm/vm.js'
 
 // RFC 9110 §7.6.1: headers that describe one connection, not the message.
+// Expect too: busybox httpd never answers 100 Continue, and the whole body is
+// sent anyway.
 const hopByHop = new Set([
   'connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization',
-  'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade',
+  'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'expect',
 ])
 
 /** Drops hop-by-hop headers, those the Connection header names, and vmcgi-* (ours alone to set). */
@@ -91,8 +93,11 @@ export function forwardToVm(
     getUpstream: () => vm.origin,
     // reply-from retries GETs that get a 503 up to ten times: the guest's answer goes back once.
     retryDelay: () => null,
-    rewriteRequestHeaders: (_request, headers) =>
-      toGuestHeaders(headers, { ip: request.ip, proto: request.protocol, host: request.headers.host }),
+    rewriteRequestHeaders: (_request, headers) => {
+      const out = toGuestHeaders(headers, { ip: request.ip, proto: request.protocol, host: request.headers.host })
+      if (request.vmcgi.bodyLength !== undefined) out['content-length'] = String(request.vmcgi.bodyLength)
+      return out
+    },
     rewriteHeaders: (headers) => toClientHeaders(headers, vm),
     onError: (failed, { error }) => failed.send(explain(error)),
   })

@@ -2,7 +2,7 @@
 // failure becomes an HTTP status and a vmcgi-status reason. No listen() here,
 // so that tests can inject() or listen on port 0.
 
-import { Transform, type Readable } from 'node:stream'
+import { Readable } from 'node:stream'
 import replyFrom from '@fastify/reply-from'
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import { Agent } from 'undici'
@@ -21,6 +21,8 @@ export interface ServerDeps {
 interface RequestState {
   vm: GuestVm | undefined
   failure: VmcgiError | undefined
+  /** Set when a chunked body was read whole, to send it on with a Content-Length. */
+  bodyLength?: number
 }
 
 declare module 'fastify' {
@@ -75,12 +77,17 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     await agent.close()
   })
 
-  // Bodies go to the guest as they arrive: nothing is parsed or buffered here.
-  // A body without Content-Length is counted on its way through instead.
+  // A body with a Content-Length goes to the guest as it arrives: nothing is
+  // parsed or buffered. One without (chunked) is read up to the limit first,
+  // because a CGI script needs CONTENT_LENGTH (RFC 3875 §4.1.2) and busybox
+  // httpd drops a chunked body.
   app.removeAllContentTypeParsers()
   app.addContentTypeParser('*', (request, payload, done) => {
     if (request.headers['content-length'] !== undefined) return done(null, payload)
-    done(null, limitBody(payload, config.limits.bodyLimitBytes, (failure) => (request.vmcgi.failure = failure)))
+    readUpTo(payload, config.limits.bodyLimitBytes).then((body) => {
+      request.vmcgi.bodyLength = body.length
+      done(null, Readable.from([body]))
+    }, (error: unknown) => done(error as Error))
   })
 
   app.decorateRequest('vmcgi', null as unknown as RequestState)
@@ -173,6 +180,8 @@ function sendFailure(request: FastifyRequest, reply: FastifyReply, failure: Vmcg
   }
   const retryAfter = retryAfterSeconds[failure.code]
   if (retryAfter !== undefined) reply.header('retry-after', String(retryAfter))
+  // The rest of a refused body is not worth reading: close once the answer is out.
+  if (failure.code === 'BODY_TOO_LARGE') reply.header('connection', 'close')
   const message = failure.code === 'INTERNAL' ? 'internal error' : failure.message
   reply
     .code(failure.statusCode)
@@ -181,17 +190,23 @@ function sendFailure(request: FastifyRequest, reply: FastifyReply, failure: Vmcg
     .send(`vmcgi: ${failure.status}: ${message}\n`)
 }
 
-/** Passes a body through, failing it once it grows past `limit` bytes. */
-function limitBody(body: Readable, limit: number, onTooLarge: (failure: VmcgiError) => void): Readable {
-  let seen = 0
-  const counted = new Transform({
-    transform(chunk: Buffer, _encoding, callback) {
-      seen += chunk.length
-      if (seen <= limit) return callback(null, chunk)
-      const failure = new VmcgiError('BODY_TOO_LARGE', `the body is over ${limit} bytes`)
-      onTooLarge(failure)
-      callback(failure)
-    },
+/**
+ * Reads a whole body, failing with BODY_TOO_LARGE once it grows past `limit`
+ * bytes. The stream is left paused, not destroyed, so that the 413 still
+ * reaches the client; Node closes the connection after it.
+ */
+function readUpTo(body: Readable, limit: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = []
+    let length = 0
+    const onData = (chunk: Buffer) => {
+      length += chunk.length
+      if (length <= limit) return void chunks.push(chunk)
+      body.off('data', onData).pause()
+      reject(new VmcgiError('BODY_TOO_LARGE', `the body is over ${limit} bytes`))
+    }
+    body.on('data', onData)
+    body.once('end', () => resolve(Buffer.concat(chunks)))
+    body.once('error', reject)
   })
-  return body.pipe(counted)
 }

@@ -5,8 +5,9 @@
 import { execa } from 'execa'
 import type { Config } from '../config.js'
 import { ConfigError } from '../errors.js'
-import { chooseAccel, guestArchOf, readHostFacts } from './accel.js'
-import type { VmEnvironment } from './vm.js'
+import type { FastifyBaseLogger } from 'fastify'
+import { chooseAccel, guestArchOf, readHostFacts, type Accel, type GuestArch, type HostFacts } from './accel.js'
+import { QemuVm, type VmEnvironment } from './vm.js'
 
 export interface HostProbe extends VmEnvironment {
   qemuVersion: string
@@ -18,14 +19,65 @@ export async function probeHost(config: Config): Promise<HostProbe> {
     throw new ConfigError('vm.qemu', `${config.vm.qemu} -version failed: ${version.stderr || version.shortMessage}`)
   }
   const qemuVersion = /version ([^\s(]+)/.exec(version.stdout)?.[1] ?? 'unknown'
+  const machines = await execa(config.vm.qemu, ['-machine', 'help'], { reject: false, timeout: 10_000 })
+  const machine = config.vm.machine.split(',')[0]!
+  if (!new RegExp(`^${machine}\\s`, 'm').test(machines.stdout)) {
+    throw new ConfigError('vm.machine', `${config.vm.qemu} does not emulate the machine "${machine}"`)
+  }
   const help = await execa(config.vm.qemu, ['-help'], { reject: false, timeout: 10_000 })
+  const guest = guestArchOf(config.vm.qemu)
+  const facts = readHostFacts()
+  const accel = chooseAccel(config.vm.accel, guest, facts)
+  // An accelerator asked for by name must work; auto only picks one that should.
+  const problem = acceleratorProblem(accel.accel, guest, facts)
+  if (config.vm.accel !== 'auto' && problem) throw new ConfigError('vm.accel', `${accel.accel} cannot be used here: ${problem}`)
   return {
     config,
     qemuVersion,
     sandbox: /^-sandbox\b/m.test(help.stdout),
-    accel: chooseAccel(config.vm.accel, guestArchOf(config.vm.qemu), readHostFacts()),
+    accel,
     deathSignalPrefix: await deathSignalPrefix(),
   }
+}
+
+/**
+ * Boots one VM and waits for its guest to answer, so that a broken image,
+ * emulator or accelerator shows at start rather than on the first request.
+ * With `auto`, an accelerator that fails falls back to TCG with a warning.
+ */
+export async function preflightBoot(host: HostProbe, log: FastifyBaseLogger): Promise<HostProbe> {
+  const attempt = async (env: HostProbe) => {
+    const vm = new QemuVm(env, log)
+    try {
+      await vm.boot(new AbortController().signal)
+      log.info({ vm: vm.id, bootMs: vm.bootMs, accel: env.accel.accel }, 'preflight boot answered')
+      return null
+    } catch (error) {
+      return { error: error as Error, console: vm.consoleTail() }
+    } finally {
+      await vm.destroy()
+    }
+  }
+  const failed = await attempt(host)
+  if (!failed) return host
+  if (host.config.vm.accel === 'auto' && host.accel.accel !== 'tcg') {
+    log.warn({ err: failed.error, console: failed.console }, `the guest did not boot with ${host.accel.accel}; falling back to tcg`)
+    const tcg: HostProbe = { ...host, accel: { accel: 'tcg', reason: `${host.accel.accel} failed the preflight boot` } }
+    const again = await attempt(tcg)
+    if (!again) return tcg
+  }
+  const tail = failed.console.trim().split('\n').slice(-3).join(' | ')
+  throw new ConfigError('vm', `the guest did not boot: ${failed.error.message}${tail ? ` (console: ${tail})` : ''}`)
+}
+
+function acceleratorProblem(accel: Accel, guest: GuestArch, facts: HostFacts): string | null {
+  if (accel === 'tcg') return null
+  if (accel === 'kvm') {
+    if (facts.platform !== 'linux') return 'KVM exists on Linux only'
+    return chooseAccel('auto', guest, facts).accel === 'kvm' ? null : chooseAccel('auto', guest, facts).reason
+  }
+  if (facts.platform !== 'darwin') return 'HVF exists on macOS only'
+  return chooseAccel('auto', guest, facts).accel === 'hvf' ? null : chooseAccel('auto', guest, facts).reason
 }
 
 /**

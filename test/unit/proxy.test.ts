@@ -22,6 +22,7 @@ describe('toGuestHeaders', () => {
         'keep-alive': 'timeout=5',
         'x-secret': 'drop me',
         te: 'trailers',
+        expect: '100-continue',
         upgrade: 'websocket',
         'proxy-authorization': 'Basic Zm9v',
         'vmcgi-status': 'OK',
