@@ -57,7 +57,10 @@ export function toClientHeaders(headers: IncomingHttpHeaders, vm: Pick<GuestVm, 
 
 /** Maps what reply-from/undici report about the guest onto the catalogue. */
 export function guestFailure(error: Error & { code?: string }): VmcgiError {
-  const cause = (error.cause ?? {}) as { code?: string }
+  const cause = (error.cause ?? {}) as { code?: string; name?: string }
+  if (cause.name === 'HTTPParserError' || error.name === 'HTTPParserError') {
+    return new VmcgiError('GUEST_BAD_RESPONSE', 'the guest sent an invalid HTTP response', { cause: error })
+  }
   const code = cause.code ?? error.code
   switch (code) {
     case 'UND_ERR_HEADERS_TIMEOUT':

@@ -93,6 +93,8 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
   app.decorateRequest('vmcgi', null as unknown as RequestState)
   app.addHook('onRequest', async (request, reply) => {
     request.vmcgi = { vm: undefined, failure: undefined }
+    // 'close' comes for every response, complete, cut or abandoned: one log line each.
+    reply.raw.once('close', () => logRequest(request, reply))
     if (closing) {
       reply.header('connection', 'close')
       throw new VmcgiError('SHUTTING_DOWN', 'vmcgi is shutting down')
@@ -124,10 +126,14 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
       clearTimeout(timer)
       ended.abort(new VmcgiError('CLIENT_GONE', 'the client went away'))
     })
-    ended.signal.addEventListener('abort', () => {
-      // After the headers, a timeout can only cut the response; keep why for the log.
-      if (reply.raw.headersSent && !reply.raw.writableFinished) request.vmcgi.failure ??= ended.signal.reason
-    })
+    // After the headers a failure can only cut the response: cut it before the
+    // VM dies, or a guest body that ends with its connection would look complete.
+    const cut = (failure: VmcgiError) => {
+      if (!reply.raw.headersSent || reply.raw.writableFinished) return
+      request.vmcgi.failure ??= failure
+      reply.raw.destroy()
+    }
+    ended.signal.addEventListener('abort', () => cut(ended.signal.reason))
 
     const release = await admission.acquire(ended.signal)
     const vm = deps.createVm(request.log)
@@ -144,26 +150,28 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     if (ended.signal.aborted) stop()
 
     await vm.boot(ended.signal)
+    void vm.exited.then(() => cut(new VmcgiError('VM_EXITED', 'QEMU exited while the guest answered')))
     return forwardToVm(request, reply, vm, (error) => ended.signal.aborted ? ended.signal.reason : request.vmcgi.failure ?? guestFailure(error))
   })
 
   app.setErrorHandler((error, request, reply) => sendFailure(request, reply, toVmcgiError(error)))
 
-  app.addHook('onResponse', async (request, reply) => {
-    const { vm, failure } = request.vmcgi
-    request.log.info({
-      method: request.method,
-      url: request.url,
-      statusCode: reply.statusCode,
-      vmcgiStatus: reply.getHeader('vmcgi-status'),
-      vm: vm?.id,
-      bootMs: vm?.bootMs || undefined,
-      ms: Math.round(reply.elapsedTime),
-      failure: failure?.code,
-    }, 'request')
-  })
-
   return app
+}
+
+function logRequest(request: FastifyRequest, reply: FastifyReply): void {
+  const { vm, failure } = request.vmcgi
+  request.log.info({
+    method: request.method,
+    url: request.url,
+    statusCode: reply.statusCode,
+    vmcgiStatus: reply.getHeader('vmcgi-status'),
+    complete: reply.raw.writableFinished,
+    vm: vm?.id,
+    bootMs: vm?.bootMs || undefined,
+    ms: Math.round(reply.elapsedTime),
+    failure: failure?.code,
+  }, 'request')
 }
 
 /** The one place where a failure becomes an HTTP answer. */

@@ -39,6 +39,8 @@ export interface GuestVm {
   readonly bootMs: number
   readonly accelerated: boolean
   boot(signal: AbortSignal): Promise<void>
+  /** Resolves once QEMU has exited, for whatever reason; ask after boot(). */
+  readonly exited: Promise<void>
   markServing(): void
   consoleTail(): string
   close(): Promise<void>
@@ -63,6 +65,7 @@ export class QemuVm implements GuestVm {
   #log: Logger
   #child: ResultPromise | undefined
   #exited: Promise<unknown> = Promise.resolve()
+
   #port = 0
   #bootMs = 0
   #console: Tail
@@ -94,6 +97,11 @@ export class QemuVm implements GuestVm {
 
   consoleTail(): string {
     return this.#console.text()
+  }
+
+  /** The current QEMU process's exit (after a port retry, the last one's). */
+  get exited(): Promise<void> {
+    return this.#exited.then(() => undefined)
   }
 
   async boot(signal: AbortSignal): Promise<void> {

@@ -117,3 +117,33 @@ export async function allQemuProcesses(): Promise<string[]> {
 export async function readGuestFile(path: string): Promise<string> {
   return readFile(join(repo, path), 'utf8')
 }
+
+/** The TCP addresses a process listens on (ip:port), read from /proc. */
+export async function listeningAddresses(pid: number): Promise<string[]> {
+  const { readdir, readlink } = await import('node:fs/promises')
+  const inodes = new Set<string>()
+  for (const fd of await readdir(`/proc/${pid}/fd`)) {
+    const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '')
+    const match = /^socket:\[(\d+)\]$/.exec(target)
+    if (match) inodes.add(match[1]!)
+  }
+  const listening: string[] = []
+  for (const table of ['tcp', 'tcp6']) {
+    const text = await readFile(`/proc/net/${table}`, 'utf8').catch(() => '')
+    for (const line of text.split('\n').slice(1)) {
+      const fields = line.trim().split(/\s+/)
+      // local address, state 0A = LISTEN, inode
+      if (fields[3] !== '0A' || !inodes.has(fields[9]!)) continue
+      const [hexIp, hexPort] = fields[1]!.split(':') as [string, string]
+      const ip = hexIp.length === 8
+        ? Buffer.from(hexIp, 'hex').reverse().join('.')
+        : `[${hexIp}]`
+      listening.push(`${ip}:${parseInt(hexPort, 16)}`)
+    }
+  }
+  return listening
+}
+
+export function testImage(): string {
+  return imageDir('test-site')
+}

@@ -28,6 +28,10 @@ export class FakeVm implements GuestVm {
     this.#handler = handler
   }
 
+  get exited(): Promise<void> {
+    return this.ended
+  }
+
   get origin(): string {
     return `http://127.0.0.1:${(this.#guest!.address() as AddressInfo).port}`
   }

@@ -74,3 +74,10 @@ describe('guestFailure', () => {
     expect(failure.statusCode).toBe(status)
   })
 })
+
+describe('guestFailure on a response that is not HTTP', () => {
+  it('maps undici\'s parser error to GUEST_BAD_RESPONSE', () => {
+    const parserError = Object.assign(new Error('Response does not match the HTTP/1.1 protocol'), { name: 'HTTPParserError' })
+    expect(guestFailure(new Error('wrapped', { cause: parserError })).code).toBe('GUEST_BAD_RESPONSE')
+  })
+})
