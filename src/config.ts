@@ -3,7 +3,7 @@
 // for undefined.
 
 import { accessSync, constants, readFileSync, statSync } from 'node:fs'
-import { availableParallelism, totalmem } from 'node:os'
+import { availableParallelism, tmpdir, totalmem } from 'node:os'
 import { delimiter, dirname, isAbsolute, join, resolve } from 'node:path'
 import { Ajv, type ErrorObject } from 'ajv'
 import { ConfigError } from './errors.js'
@@ -29,6 +29,18 @@ export interface Config {
     readonly consoleTailBytes: number
     /** Time between SIGTERM and SIGKILL when a VM is stopped. */
     readonly killGraceMs: number
+    /** Clone mode: boot one template, snapshot it, and restore a copy-on-write clone per request. */
+    readonly snapshot: { readonly enabled: boolean; readonly dir: string }
+  }
+  readonly pool: {
+    /** VMs kept booted (or restored and paused) ahead of demand; 0 boots on demand. */
+    readonly size: number
+  }
+  readonly admin: {
+    /** Listener for /metrics, apart from the proxy; port 0 picks a free one. */
+    readonly enabled: boolean
+    readonly host: string
+    readonly port: number
   }
   readonly readiness: {
     readonly path: string
@@ -106,6 +118,31 @@ const schema = {
         guestPort: { type: 'integer', minimum: 1, maximum: 65535, default: 80 },
         consoleTailBytes: { type: 'integer', minimum: 256, maximum: 1048576, default: 8192 },
         killGraceMs: { type: 'integer', minimum: 0, maximum: 60000, default: 500 },
+        snapshot: {
+          type: 'object',
+          additionalProperties: false,
+          default: {},
+          properties: {
+            enabled: { type: 'boolean', default: false },
+            dir: { type: 'string', minLength: 1, default: join(tmpdir(), 'vmcgi-snapshots') },
+          },
+        },
+      },
+    },
+    pool: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: { size: { type: 'integer', minimum: 0, maximum: 1024, default: 0 } },
+    },
+    admin: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: {
+        enabled: { type: 'boolean', default: true },
+        host: { type: 'string', minLength: 1, default: '127.0.0.1' },
+        port: { ...port, default: 9090 },
       },
     },
     readiness: {
@@ -194,22 +231,57 @@ export function normalizeConfig(
   },
 ): Config {
   const candidate = structuredClone(raw) as Record<string, any>
+  // Precedence: flag, then environment, then file, then default.
+  const fromEnv = new Map<string, string>()
   if (candidate && typeof candidate === 'object' && !Array.isArray(candidate)) {
-    candidate.listen ??= {}
-    if (overrides.host !== undefined) candidate.listen.host = overrides.host
-    if (overrides.port !== undefined) candidate.listen.port = overrides.port
+    for (const [name, { field, parse }] of Object.entries(environmentVariables)) {
+      const text = env[name]
+      if (text === undefined || text === '') continue
+      setField(candidate, field, parse(name, text))
+      fromEnv.set(field, name)
+    }
+    if (overrides.host !== undefined) setField(candidate, 'listen.host', overrides.host)
+    if (overrides.port !== undefined) setField(candidate, 'listen.port', overrides.port)
   }
-  if (!validate(candidate)) throw toConfigError(validate.errors![0]!)
+  if (!validate(candidate)) {
+    const error = toConfigError(validate.errors![0]!)
+    const variable = fromEnv.get(error.field)
+    throw variable ? new ConfigError(`${variable} (${error.field})`, error.message.slice(error.field.length + 2)) : error
+  }
   const valid = candidate as Record<string, any>
 
   const vm = valid.vm as Record<'kernel' | 'initrd' | 'qemu', string>
   vm.kernel = readableFile('vm.kernel', resolve(baseDir, vm.kernel))
   vm.initrd = readableFile('vm.initrd', resolve(baseDir, vm.initrd))
   vm.qemu = findExecutable('vm.qemu', vm.qemu, baseDir, env.PATH ?? '')
+  valid.vm.snapshot.dir = resolve(baseDir, valid.vm.snapshot.dir)
   const limits = valid.limits as { maxVms?: number; queue: { size?: number } }
   limits.maxVms ??= defaultMaxVms(valid.vm.memoryMiB, host)
   limits.queue.size ??= limits.maxVms * 4
   return deepFreeze(valid as Config)
+}
+
+const asText = (_name: string, text: string) => text
+const asWholeNumber = (name: string, text: string) => {
+  if (!/^\d+$/.test(text)) throw new ConfigError(name, `must be a whole number, not "${text}"`)
+  return Number(text)
+}
+
+/** Settings that may come from the environment (for Kamal's env section), by variable. */
+export const environmentVariables: Record<string, { field: string; parse: (name: string, text: string) => unknown }> = {
+  VMCGI_HOST: { field: 'listen.host', parse: asText },
+  VMCGI_PORT: { field: 'listen.port', parse: asWholeNumber },
+  VMCGI_ADMIN_PORT: { field: 'admin.port', parse: asWholeNumber },
+  VMCGI_MAX_VMS: { field: 'limits.maxVms', parse: asWholeNumber },
+  VMCGI_POOL_SIZE: { field: 'pool.size', parse: asWholeNumber },
+  VMCGI_ACCEL: { field: 'vm.accel', parse: asText },
+  LOG_LEVEL: { field: 'log.level', parse: asText },
+}
+
+function setField(target: Record<string, any>, field: string, value: unknown): void {
+  const [section, key] = field.split('.') as [string, string]
+  if (typeof target[section] !== 'object' || target[section] === null) target[section] = {}
+  target[section][key] = value
 }
 
 export interface HostSize {

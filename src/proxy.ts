@@ -2,6 +2,7 @@
 // header rewriting is pure so that it can be tested without a VM.
 
 import type { IncomingHttpHeaders } from 'node:http'
+import { performance } from 'node:perf_hooks'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { VmcgiError } from './errors.js'
 import type { GuestVm } from './vm/vm.js'
@@ -46,12 +47,43 @@ export function bootTimeHeader(vm: Pick<GuestVm, 'bootMs' | 'accelerated'>): str
   return `${vm.bootMs} ms (hardware acceleration ${vm.accelerated ? 'enabled' : 'disabled'})`
 }
 
-export function toClientHeaders(headers: IncomingHttpHeaders, vm: Pick<GuestVm, 'id' | 'bootMs' | 'accelerated'>): IncomingHttpHeaders {
+/** Where one request's time went, in milliseconds. */
+export interface RequestTiming {
+  /** Waiting for admission (limits.maxVms). */
+  queueMs: number
+  /** Starting the QEMU process of this request's VM. */
+  spawnMs: number
+  /** The guest, from QEMU's start to its first HTTP answer. */
+  bootMs: number
+  /** How long this request waited for its VM: 0 when a warm one was ready. */
+  waitMs: number
+  /** From forwarding the request to the guest's response headers. */
+  proxyMs: number
+}
+
+/** A W3C Server-Timing value; browsers' devtools show it in the network panel. */
+export function serverTiming(timing: RequestTiming): string {
+  const entries: Array<[string, number]> = [
+    ['queue', timing.queueMs],
+    ['spawn', timing.spawnMs],
+    ['boot', timing.bootMs],
+    ['wait', timing.waitMs],
+    ['proxy', timing.proxyMs],
+  ]
+  return entries.map(([name, ms]) => `${name};dur=${Math.max(0, ms).toFixed(1)}`).join(', ')
+}
+
+export function toClientHeaders(
+  headers: IncomingHttpHeaders,
+  vm: Pick<GuestVm, 'id' | 'bootMs' | 'accelerated'>,
+  timing?: RequestTiming,
+): IncomingHttpHeaders {
   return {
     ...withoutHopByHop(headers),
     'vmcgi-status': 'OK',
     'vmcgi-vm-boot-time': bootTimeHeader(vm),
     'vmcgi-vm-id': vm.id,
+    ...(timing ? { 'server-timing': serverTiming(timing) } : {}),
   }
 }
 
@@ -89,9 +121,11 @@ export function forwardToVm(
   request: FastifyRequest,
   reply: FastifyReply,
   vm: GuestVm,
+  timing: Omit<RequestTiming, 'proxyMs' | 'spawnMs' | 'bootMs'>,
   explain: (error: Error & { code?: string }) => VmcgiError,
 ): FastifyReply {
   vm.markServing()
+  const forwarded = performance.now()
   return reply.from(request.url, {
     getUpstream: () => vm.origin,
     // reply-from retries GETs that get a 503 up to ten times: the guest's answer goes back once.
@@ -101,7 +135,12 @@ export function forwardToVm(
       if (request.vmcgi.bodyLength !== undefined) out['content-length'] = String(request.vmcgi.bodyLength)
       return out
     },
-    rewriteHeaders: (headers) => toClientHeaders(headers, vm),
+    rewriteHeaders: (headers) => toClientHeaders(headers, vm, {
+      ...timing,
+      spawnMs: vm.spawnMs,
+      bootMs: vm.bootMs - vm.spawnMs,
+      proxyMs: performance.now() - forwarded,
+    }),
     onError: (failed, { error }) => failed.send(explain(error)),
   })
 }

@@ -2,12 +2,14 @@
 // failure becomes an HTTP status and a vmcgi-status reason. No listen() here,
 // so that tests can inject() or listen on port 0.
 
+import { performance } from 'node:perf_hooks'
 import { Readable } from 'node:stream'
 import replyFrom from '@fastify/reply-from'
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import { Agent } from 'undici'
 import type { Config } from './config.js'
 import { Admission } from './admission.js'
+import { VmPool } from './pool.js'
 import { retryAfterSeconds, toVmcgiError, VmcgiError } from './errors.js'
 import { forwardToVm, guestFailure } from './proxy.js'
 import type { GuestVm, VmFactory } from './vm/vm.js'
@@ -33,6 +35,7 @@ declare module 'fastify' {
     /** Kills every VM now; requests in flight on them fail. */
     destroyAllVms(): Promise<void>
     admission: Admission
+    pool: VmPool
   }
 }
 
@@ -63,11 +66,15 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     queueSize: config.limits.queue.size,
     maxWaitMs: config.limits.queue.maxWaitMs,
   })
+  const pool = new VmPool(config.pool.size, deps.createVm, app.log)
+  /** VMs serving a request; the pool owns the others. */
   const live = new Set<GuestVm>()
   app.decorate('admission', admission)
+  app.decorate('pool', pool)
   app.decorate('destroyAllVms', async () => {
-    await Promise.all([...live].map((vm) => vm.destroy()))
+    await Promise.all([pool.destroy(), ...[...live].map((vm) => vm.destroy())])
   })
+  app.addHook('onReady', async () => pool.start())
   let closing = false
   app.addHook('preClose', async () => {
     closing = true
@@ -135,8 +142,17 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     }
     ended.signal.addEventListener('abort', () => cut(ended.signal.reason))
 
+    const queued = performance.now()
     const release = await admission.acquire(ended.signal)
-    const vm = deps.createVm(request.log)
+    const queueMs = performance.now() - queued
+    let taken
+    try {
+      taken = await pool.take(request.log, ended.signal)
+    } catch (error) {
+      release()
+      throw error
+    }
+    const { vm, waitMs } = taken
     request.vmcgi.vm = vm
     live.add(vm)
     const stop = () => {
@@ -148,10 +164,10 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     // Either way the request ends, the VM dies with it.
     ended.signal.addEventListener('abort', stop, { once: true })
     if (ended.signal.aborted) stop()
-
-    await vm.boot(ended.signal)
     void vm.exited.then(() => cut(new VmcgiError('VM_EXITED', 'QEMU exited while the guest answered')))
-    return forwardToVm(request, reply, vm, (error) => ended.signal.aborted ? ended.signal.reason : request.vmcgi.failure ?? guestFailure(error))
+    const explain = (error: Error & { code?: string }) =>
+      ended.signal.aborted ? ended.signal.reason : request.vmcgi.failure ?? guestFailure(error)
+    return forwardToVm(request, reply, vm, { queueMs, waitMs }, explain)
   })
 
   app.setErrorHandler((error, request, reply) => sendFailure(request, reply, toVmcgiError(error)))

@@ -37,6 +37,8 @@ export interface GuestVm {
   readonly origin: string
   /** Milliseconds from spawning QEMU to the guest's first HTTP answer. */
   readonly bootMs: number
+  /** The part of bootMs until the QEMU process had started. */
+  readonly spawnMs: number
   readonly accelerated: boolean
   boot(signal: AbortSignal): Promise<void>
   /** Resolves once QEMU has exited, for whatever reason; ask after boot(). */
@@ -68,6 +70,7 @@ export class QemuVm implements GuestVm {
 
   #port = 0
   #bootMs = 0
+  #spawnMs = 0
   #console: Tail
   #stderr = new Tail(stderrTailBytes)
   /** Aborted when the VM is stopped, so that a boot in progress ends at once. */
@@ -89,6 +92,10 @@ export class QemuVm implements GuestVm {
 
   get bootMs(): number {
     return this.#bootMs
+  }
+
+  get spawnMs(): number {
+    return this.#spawnMs
   }
 
   get accelerated(): boolean {
@@ -196,6 +203,8 @@ export class QemuVm implements GuestVm {
       forceKillAfterDelay: Math.max(1, config.vm.killGraceMs),
     })
     this.#child = child
+    const spawnStarted = performance.now()
+    child.once('spawn', () => (this.#spawnMs = performance.now() - spawnStarted))
     this.#exited = child.then((result) => {
       const detail = { exitCode: result.exitCode, signal: result.signal }
       this.#log.debug(detail, 'QEMU exited')

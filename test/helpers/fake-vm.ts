@@ -15,6 +15,7 @@ export class FakeVm implements GuestVm {
   readonly id = `fake-${++FakeVm.count}`
   state: VmState = 'created'
   bootMs = 0
+  spawnMs = 0
   readonly accelerated = false
   #guest: Server | undefined
   #behaviour: BootBehaviour
@@ -45,6 +46,7 @@ export class FakeVm implements GuestVm {
     this.#guest = createServer(this.#handler)
     await new Promise<void>((resolve) => this.#guest!.listen(0, '127.0.0.1', resolve))
     this.bootMs = 42
+    this.spawnMs = 2
     this.state = 'ready'
   }
 

@@ -1,6 +1,6 @@
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
-import { normalizeConfig } from '../../src/config.js'
+import { defaultMaxVms, normalizeConfig } from '../../src/config.js'
 import { ConfigError } from '../../src/errors.js'
 import { fakeImageDir } from '../helpers/fixtures.js'
 
@@ -73,5 +73,48 @@ describe('normalizeConfig', () => {
     expect(check({ initrd: 'missing.cpio.gz' })).toBe('vm.initrd')
     expect(check({ qemu: 'qemu-system-nothing' })).toBe('vm.qemu')
     expect(check({ qemu: './Image' })).toBe('vm.qemu')
+  })
+})
+
+describe('configuration from the environment', () => {
+  const file = (images: ReturnType<typeof fakeImageDir>) => ({
+    listen: { host: '127.0.0.1', port: 8000 },
+    log: { level: 'warn' },
+    vm: { kernel: images.kernel, initrd: images.initrd, qemu: images.qemu },
+  })
+
+  it('takes the flag over the environment, the environment over the file, the file over the default', () => {
+    const images = fakeImageDir()
+    const env = { VMCGI_PORT: '9001', VMCGI_HOST: '0.0.0.0', VMCGI_MAX_VMS: '3', LOG_LEVEL: 'debug', VMCGI_POOL_SIZE: '2' }
+    const config = normalizeConfig(file(images), { baseDir: images.dir, env, overrides: { port: 9002 } })
+    expect(config.listen).toEqual({ host: '0.0.0.0', port: 9002 })
+    expect(config.limits.maxVms).toBe(3)
+    expect(config.pool.size).toBe(2)
+    expect(config.log.level).toBe('debug')
+    const fileOnly = normalizeConfig(file(images), { baseDir: images.dir, env: {} })
+    expect(fileOnly.listen.port).toBe(8000)
+    expect(fileOnly.log.level).toBe('warn')
+    expect(fileOnly.pool.size).toBe(0)
+  })
+
+  it('ignores empty variables', () => {
+    const images = fakeImageDir()
+    const config = normalizeConfig(file(images), { baseDir: images.dir, env: { VMCGI_PORT: '' } })
+    expect(config.listen.port).toBe(8000)
+  })
+
+  it('names the variable when its value is wrong', () => {
+    const images = fakeImageDir()
+    expect(fieldOf(() => normalizeConfig(file(images), { baseDir: images.dir, env: { VMCGI_PORT: 'eighty' } }))).toBe('VMCGI_PORT')
+    expect(fieldOf(() => normalizeConfig(file(images), { baseDir: images.dir, env: { VMCGI_ACCEL: 'xen' } }))).toBe('VMCGI_ACCEL (vm.accel)')
+    expect(fieldOf(() => normalizeConfig(file(images), { baseDir: images.dir, env: { VMCGI_PORT: '70000' } }))).toBe('VMCGI_PORT (listen.port)')
+  })
+})
+
+describe('defaultMaxVms', () => {
+  it('allows two VMs per core, within half of the memory', () => {
+    expect(defaultMaxVms(128, { cpus: 2, memoryMiB: 24 * 1024 })).toBe(4)
+    expect(defaultMaxVms(128, { cpus: 4, memoryMiB: 1024 })).toBe(2)
+    expect(defaultMaxVms(4096, { cpus: 4, memoryMiB: 2048 })).toBe(1)
   })
 })

@@ -46,6 +46,7 @@ describe('buildServer', () => {
     expect(res.headers['vmcgi-vm-boot-time']).toBe('42 ms (hardware acceleration disabled)')
     expect(res.headers['vmcgi-vm-id']).toBe(vms[0]!.id)
     expect(res.headers['x-powered-by']).toBe('fake-guest')
+    expect(res.headers['server-timing']).toMatch(/^queue;dur=[\d.]+, spawn;dur=2\.0, boot;dur=40\.0, wait;dur=[\d.]+, proxy;dur=[\d.]+$/)
     const seen = (await res.body.json()) as { method: string; url: string; headers: Record<string, string>; body: string }
     expect(seen).toMatchObject({ method: 'POST', url: '/cgi-bin/echo?a=1', body: 'hello' })
     expect(seen.headers['x-custom']).toBe('yes')
@@ -175,5 +176,15 @@ describe('buildServer', () => {
     await expect(res.body.text()).rejects.toThrow()
     await vms[0]!.ended
   })
-})
 
+  it('serves from a warm pool with no wait, and reports it in Server-Timing', async () => {
+    const { address, vms } = await start('ok', echoGuest, { pool: { size: 1 } })
+    await expect.poll(() => vms.filter((vm) => vm.state === 'ready').length).toBe(1)
+    const res = await request(`${address}/`)
+    expect(res.statusCode).toBe(200)
+    expect(res.headers['vmcgi-vm-id']).toBe(vms[0]!.id)
+    expect(res.headers['server-timing']).toContain('wait;dur=0.0')
+    await res.body.text()
+    await vms[0]!.ended
+  })
+})

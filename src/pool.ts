@@ -1,0 +1,125 @@
+// Where a request's VM comes from. With `pool.size` = N > 0, N VMs are booted
+// ahead of demand and each serves exactly one request; a replacement boots in
+// the background as soon as one is taken. When the pool is empty (a burst, or
+// size 0) the request boots its own VM, as it would without a pool.
+
+import { performance } from 'node:perf_hooks'
+import type { FastifyBaseLogger } from 'fastify'
+import { VmcgiError } from './errors.js'
+import type { GuestVm, VmFactory } from './vm/vm.js'
+
+export interface TakenVm {
+  vm: GuestVm
+  /** How long the request waited for its VM: 0 when a warm one was ready. */
+  waitMs: number
+  warm: boolean
+}
+
+/** After a failed background boot, wait this long before the next, so a broken guest does not spin. */
+const refillBackoffMs = 1_000
+
+export class VmPool {
+  #size: number
+  #createVm: VmFactory
+  #log: FastifyBaseLogger
+  #ready: GuestVm[] = []
+  /** Booting: for the pool, or for a request that found the pool empty. */
+  #booting = new Set<GuestVm>()
+  #refilling = 0
+  #closed = false
+  #backoff: NodeJS.Timeout | undefined
+
+  constructor(size: number, createVm: VmFactory, log: FastifyBaseLogger) {
+    this.#size = size
+    this.#createVm = createVm
+    this.#log = log
+  }
+
+  /** VMs booted and waiting for a request. */
+  get ready(): number {
+    return this.#ready.length
+  }
+
+  /** VMs booting, for the pool or for a request. */
+  get booting(): number {
+    return this.#booting.size
+  }
+
+  /** Starts filling the pool. */
+  start(): void {
+    this.#refill()
+  }
+
+  async take(log: FastifyBaseLogger, signal: AbortSignal): Promise<TakenVm> {
+    if (this.#closed) throw new VmcgiError('SHUTTING_DOWN', 'vmcgi is shutting down')
+    const started = performance.now()
+    const warm = this.#ready.shift()
+    if (warm) {
+      this.#refill()
+      log.debug({ vm: warm.id }, 'took a warm VM from the pool')
+      return { vm: warm, waitMs: 0, warm: true }
+    }
+    const vm = this.#createVm(log)
+    this.#booting.add(vm)
+    try {
+      await vm.boot(signal)
+    } catch (error) {
+      await vm.destroy()
+      throw error
+    } finally {
+      this.#booting.delete(vm)
+    }
+    return { vm, waitMs: performance.now() - started, warm: false }
+  }
+
+  /** Refuses new work and kills every VM the pool holds or is booting. */
+  async destroy(): Promise<void> {
+    this.#closed = true
+    clearTimeout(this.#backoff)
+    const all = [...this.#ready, ...this.#booting]
+    this.#ready = []
+    await Promise.all(all.map((vm) => vm.destroy()))
+  }
+
+  #refill(): void {
+    while (!this.#closed && this.#backoff === undefined && this.#ready.length + this.#refilling < this.#size) {
+      this.#refilling++
+      void this.#bootOne().finally(() => {
+        this.#refilling--
+        this.#refill()
+      })
+    }
+  }
+
+  async #bootOne(): Promise<void> {
+    const vm = this.#createVm(this.#log)
+    this.#booting.add(vm)
+    try {
+      await vm.boot(new AbortController().signal)
+    } catch (error) {
+      await vm.destroy()
+      if (this.#closed) return
+      this.#log.warn({ err: error, vm: vm.id }, `pool VM failed to boot; retrying in ${refillBackoffMs} ms`)
+      this.#backoff = setTimeout(() => {
+        this.#backoff = undefined
+        this.#refill()
+      }, refillBackoffMs)
+      return
+    } finally {
+      this.#booting.delete(vm)
+    }
+    if (this.#closed) {
+      await vm.destroy()
+      return
+    }
+    this.#ready.push(vm)
+    // A warm VM that dies while it waits is dropped and replaced.
+    void vm.exited.then(() => {
+      const index = this.#ready.indexOf(vm)
+      if (index === -1) return
+      this.#ready.splice(index, 1)
+      this.#log.warn({ vm: vm.id, console: vm.consoleTail() }, 'a warm VM exited while it waited; replacing it')
+      this.#refill()
+    })
+  }
+}

@@ -1,0 +1,78 @@
+import pino from 'pino'
+import { describe, expect, it, onTestFinished } from 'vitest'
+import { VmPool } from '../../src/pool.js'
+import { fakeVmFactory, type BootBehaviour } from '../helpers/fake-vm.js'
+
+const log = pino({ level: 'silent' })
+const never = new AbortController().signal
+
+function pool(size: number, behaviour: BootBehaviour = 'ok') {
+  const { createVm, vms } = fakeVmFactory(behaviour, (_req, res) => res.end('ok'))
+  const vmPool = new VmPool(size, createVm, log)
+  onTestFinished(() => vmPool.destroy())
+  return { vmPool, vms }
+}
+
+describe('VmPool', () => {
+  it('boots pool.size VMs ahead and hands out a warm one with no wait', async () => {
+    const { vmPool, vms } = pool(2)
+    vmPool.start()
+    await expect.poll(() => vmPool.ready).toBe(2)
+    const taken = await vmPool.take(log, never)
+    expect(taken).toMatchObject({ warm: true, waitMs: 0 })
+    expect(taken.vm.state).toBe('ready')
+    // A replacement boots at once.
+    await expect.poll(() => vmPool.ready).toBe(2)
+    expect(vms).toHaveLength(3)
+  })
+
+  it('boots a VM for the request when the pool is empty', async () => {
+    const { vmPool } = pool(1)
+    vmPool.start()
+    await expect.poll(() => vmPool.ready).toBe(1)
+    const [first, second, third] = await Promise.all([1, 2, 3].map(() => vmPool.take(log, never)))
+    expect([first!.warm, second!.warm, third!.warm].filter(Boolean)).toHaveLength(1)
+    expect(new Set([first!.vm, second!.vm, third!.vm]).size).toBe(3)
+  })
+
+  it('with size 0 boots every VM on demand and keeps none', async () => {
+    const { vmPool, vms } = pool(0)
+    vmPool.start()
+    const taken = await vmPool.take(log, never)
+    expect(taken.warm).toBe(false)
+    expect(vmPool.ready).toBe(0)
+    expect(vms).toHaveLength(1)
+  })
+
+  it('destroys a VM whose boot for a request failed', async () => {
+    const { vmPool, vms } = pool(0, 'exit')
+    await expect(vmPool.take(log, never)).rejects.toMatchObject({ code: 'VM_EXITED' })
+    expect(vms[0]!.state).toBe('stopped')
+  })
+
+  it('replaces a warm VM that dies while it waits', async () => {
+    const { vmPool, vms } = pool(1)
+    vmPool.start()
+    await expect.poll(() => vmPool.ready).toBe(1)
+    await vms[0]!.destroy()
+    await expect.poll(() => vms.length).toBe(2)
+    await expect.poll(() => vmPool.ready).toBe(1)
+  })
+
+  it('backs off instead of spinning when the guest cannot boot', async () => {
+    const { vmPool, vms } = pool(2, 'exit')
+    vmPool.start()
+    await new Promise((resolve) => setTimeout(resolve, 300))
+    expect(vms.length).toBeLessThanOrEqual(2)
+    expect(vms.every((vm) => vm.state === 'stopped')).toBe(true)
+  })
+
+  it('kills every VM it holds when destroyed, and refuses to hand out more', async () => {
+    const { vmPool, vms } = pool(2)
+    vmPool.start()
+    await expect.poll(() => vmPool.ready).toBe(2)
+    await vmPool.destroy()
+    expect(vms.every((vm) => vm.state === 'stopped')).toBe(true)
+    await expect(vmPool.take(log, never)).rejects.toMatchObject({ code: 'SHUTTING_DOWN' })
+  })
+})
