@@ -8,6 +8,8 @@ import type { FastifyInstance } from 'fastify'
 import { pino } from 'pino'
 import { loadConfig, type Overrides } from './config.js'
 import { ConfigError } from './errors.js'
+import { buildAdminServer } from './admin.js'
+import { Metrics } from './metrics.js'
 import { buildServer } from './server.js'
 import { preflightBoot, probeHost } from './vm/host.js'
 import { createQemuVmFactory } from './vm/vm.js'
@@ -52,7 +54,9 @@ async function main(): Promise<void> {
   const config = loadConfig(configFile, overrides)
   const log = pino({ level: config.log.level })
   const host = await preflightBoot(await probeHost(config), log)
-  const app = await buildServer(config, { createVm: createQemuVmFactory(host), logger: log })
+  const metrics = new Metrics()
+  const app = await buildServer(config, { createVm: createQemuVmFactory(host), logger: log, metrics })
+  const admin = config.admin.enabled ? buildAdminServer(metrics, log) : undefined
   app.log.info({ maxVms: config.limits.maxVms, queue: config.limits.queue }, `at most ${config.limits.maxVms} VMs at once`)
   app.log.info({
     qemu: config.vm.qemu,
@@ -68,10 +72,11 @@ async function main(): Promise<void> {
   closeWithGrace({ delay: config.shutdown.drainMs + 1_000, logger: { error: (message: unknown) => app.log.error(message) } }, async ({ signal, err }) => {
     if (err) app.log.error({ err }, 'closing after an error')
     else app.log.info({ signal, drainMs: config.shutdown.drainMs }, 'closing: draining requests in flight')
-    await closeGracefully(app, config.shutdown.drainMs)
+    await Promise.all([closeGracefully(app, config.shutdown.drainMs), admin?.close()])
     app.log.info('closed')
   })
   await app.listen({ host: config.listen.host, port: config.listen.port })
+  await admin?.listen({ host: config.admin.host, port: config.admin.port })
 }
 
 /** Stops accepting, lets requests in flight finish for up to `drainMs`, then kills what is left. */

@@ -29,10 +29,14 @@ export class VmPool {
   #closed = false
   #backoff: NodeJS.Timeout | undefined
 
-  constructor(size: number, createVm: VmFactory, log: FastifyBaseLogger) {
+  #onBooted: (vm: GuestVm) => void
+
+  /** `onBooted` hears of every VM that boots, for the pool or for a request. */
+  constructor(size: number, createVm: VmFactory, log: FastifyBaseLogger, onBooted: (vm: GuestVm) => void = () => {}) {
     this.#size = size
     this.#createVm = createVm
     this.#log = log
+    this.#onBooted = onBooted
   }
 
   /** VMs booted and waiting for a request. */
@@ -69,6 +73,7 @@ export class VmPool {
     } finally {
       this.#booting.delete(vm)
     }
+    this.#onBooted(vm)
     return { vm, waitMs: performance.now() - started, warm: false }
   }
 
@@ -112,6 +117,7 @@ export class VmPool {
       await vm.destroy()
       return
     }
+    this.#onBooted(vm)
     this.#ready.push(vm)
     // A warm VM that dies while it waits is dropped and replaced.
     void vm.exited.then(() => {

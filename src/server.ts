@@ -9,6 +9,7 @@ import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, t
 import { Agent } from 'undici'
 import type { Config } from './config.js'
 import { Admission } from './admission.js'
+import { Metrics } from './metrics.js'
 import { VmPool } from './pool.js'
 import { retryAfterSeconds, toVmcgiError, VmcgiError } from './errors.js'
 import { forwardToVm, guestFailure } from './proxy.js'
@@ -16,6 +17,8 @@ import type { GuestVm, VmFactory } from './vm/vm.js'
 
 export interface ServerDeps {
   createVm: VmFactory
+  /** Where counters and histograms go; a private registry by default. */
+  metrics?: Metrics
   /** A pino logger; by default one is made at config.log.level. */
   logger?: FastifyBaseLogger
 }
@@ -66,9 +69,11 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     queueSize: config.limits.queue.size,
     maxWaitMs: config.limits.queue.maxWaitMs,
   })
-  const pool = new VmPool(config.pool.size, deps.createVm, app.log)
+  const metrics = deps.metrics ?? new Metrics()
+  const pool = new VmPool(config.pool.size, deps.createVm, app.log, (vm) => metrics.observeBoot(vm.bootMs, vm.accelerated))
   /** VMs serving a request; the pool owns the others. */
   const live = new Set<GuestVm>()
+  metrics.watch({ booting: () => pool.booting, pooled: () => pool.ready, serving: () => live.size, queued: () => admission.queued })
   app.decorate('admission', admission)
   app.decorate('pool', pool)
   app.decorate('destroyAllVms', async () => {
@@ -101,7 +106,10 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
   app.addHook('onRequest', async (request, reply) => {
     request.vmcgi = { vm: undefined, failure: undefined }
     // 'close' comes for every response, complete, cut or abandoned: one log line each.
-    reply.raw.once('close', () => logRequest(request, reply))
+    reply.raw.once('close', () => {
+      logRequest(request, reply)
+      metrics.countRequest(String(reply.getHeader('vmcgi-status') ?? request.vmcgi.failure?.status ?? 'none'), reply.statusCode)
+    })
     if (closing) {
       reply.header('connection', 'close')
       throw new VmcgiError('SHUTTING_DOWN', 'vmcgi is shutting down')

@@ -39,6 +39,7 @@ export function writeConfig(overrides: Record<string, Section> = {}, image = ima
   const config = {
     ...overrides,
     log: { level: 'debug', ...overrides.log },
+    admin: { port: 0, ...overrides.admin },
     vm: { kernel: join(image, 'Image'), initrd: join(image, 'initramfs.cpio.gz'), ...overrides.vm },
   }
   const file = join(dir, 'config.json')
