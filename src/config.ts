@@ -30,7 +30,12 @@ export interface Config {
     /** Time between SIGTERM and SIGKILL when a VM is stopped. */
     readonly killGraceMs: number
     /** Clone mode: boot one template, snapshot it, and restore a copy-on-write clone per request. */
-    readonly snapshot: { readonly enabled: boolean; readonly dir: string }
+    readonly snapshot: {
+      readonly enabled: boolean
+      readonly dir: string
+      /** Give each clone fresh entropy and the time before it serves. Off only to show why it is on. */
+      readonly reseed: boolean
+    }
   }
   readonly pool: {
     /** VMs kept booted (or restored and paused) ahead of demand; 0 boots on demand. */
@@ -125,6 +130,7 @@ const schema = {
           properties: {
             enabled: { type: 'boolean', default: false },
             dir: { type: 'string', minLength: 1, default: join(tmpdir(), 'vmcgi-snapshots') },
+            reseed: { type: 'boolean', default: true },
           },
         },
       },

@@ -12,6 +12,7 @@ import { buildAdminServer } from './admin.js'
 import { Metrics } from './metrics.js'
 import { buildServer } from './server.js'
 import { preflightBoot, probeHost } from './vm/host.js'
+import { prepareSnapshot } from './vm/snapshot.js'
 import { createQemuVmFactory } from './vm/vm.js'
 
 const usage = 'usage: vmcgi --config FILE [--host ADDR] [--port N]'
@@ -53,7 +54,11 @@ async function main(): Promise<void> {
   const { configFile, overrides } = parseCli(process.argv.slice(2))
   const config = loadConfig(configFile, overrides)
   const log = pino({ level: config.log.level })
-  const host = await preflightBoot(await probeHost(config), log)
+  let host = await preflightBoot(await probeHost(config), log)
+  if (config.vm.snapshot.enabled) {
+    // The preflight then boots a clone: the restore and the reseeding work.
+    host = await preflightBoot({ ...host, snapshot: await prepareSnapshot(host, log) }, log)
+  }
   const metrics = new Metrics()
   const app = await buildServer(config, { createVm: createQemuVmFactory(host), logger: log, metrics })
   const admin = config.admin.enabled ? buildAdminServer(metrics, log) : undefined

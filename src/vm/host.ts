@@ -7,7 +7,7 @@ import type { Config } from '../config.js'
 import { ConfigError } from '../errors.js'
 import type { FastifyBaseLogger } from 'fastify'
 import { chooseAccel, guestArchOf, readHostFacts, type Accel, type GuestArch, type HostFacts } from './accel.js'
-import { QemuVm, type VmEnvironment } from './vm.js'
+import { createQemuVmFactory, type VmEnvironment } from './vm.js'
 
 export interface HostProbe extends VmEnvironment {
   qemuVersion: string
@@ -47,7 +47,7 @@ export async function probeHost(config: Config): Promise<HostProbe> {
  */
 export async function preflightBoot(host: HostProbe, log: FastifyBaseLogger): Promise<HostProbe> {
   const attempt = async (env: HostProbe) => {
-    const vm = new QemuVm(env, log)
+    const vm = createQemuVmFactory(env)(log)
     try {
       await vm.boot(new AbortController().signal)
       log.info({ vm: vm.id, bootMs: vm.bootMs, accel: env.accel.accel }, 'preflight boot answered')

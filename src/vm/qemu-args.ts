@@ -12,13 +12,23 @@ export interface QemuArgsInput {
   /** Whether this QEMU build accepts -sandbox (it needs libseccomp). */
   sandbox: boolean
   name: string
+  /**
+   * Clone mode: guest RAM lives in this file, shared (the template writes it)
+   * or private copy-on-write (a clone reads it and never writes it back).
+   */
+  memoryFile?: { path: string; share: boolean }
+  /** A unix socket for QMP, to pause, snapshot and restore. */
+  qmpSocket?: string
+  /** A clone: start waiting for the template's device state, sent over QMP's migrate-incoming. */
+  incoming?: boolean
 }
 
 export const sandboxArgs = ['-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny']
 
-export function buildQemuArgs({ vm, accel, hostPort, sandbox, name }: QemuArgsInput): string[] {
+export function buildQemuArgs({ vm, accel, hostPort, sandbox, name, memoryFile, qmpSocket, incoming }: QemuArgsInput): string[] {
   // HVF on Apple silicon cannot map the high PCIe/GIC regions of a 40-bit+ address space.
-  const machine = accel === 'hvf' && vm.machine === 'virt' ? 'virt,highmem=off' : vm.machine
+  let machine = accel === 'hvf' && vm.machine === 'virt' ? 'virt,highmem=off' : vm.machine
+  if (memoryFile) machine += ',memory-backend=mem0'
   return [
     '-name', name,
     '-machine', machine,
@@ -44,6 +54,11 @@ export function buildQemuArgs({ vm, accel, hostPort, sandbox, name }: QemuArgsIn
     // Without a hardware RNG a fresh guest waits about a second for entropy on its first read.
     '-object', 'rng-random,id=rng0,filename=/dev/urandom',
     '-device', 'virtio-rng-device,rng=rng0',
+    ...(memoryFile
+      ? ['-object', `memory-backend-file,id=mem0,size=${vm.memoryMiB}M,mem-path=${memoryFile.path},share=${memoryFile.share ? 'on' : 'off'}`]
+      : []),
+    ...(qmpSocket ? ['-qmp', `unix:${qmpSocket},server=on,wait=off`] : []),
+    ...(incoming ? ['-incoming', 'defer'] : []),
     ...(sandbox ? sandboxArgs : []),
   ]
 }

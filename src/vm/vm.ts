@@ -7,6 +7,9 @@
 // destroy() (SIGKILL now). Both are idempotent and both wait until QEMU is reaped.
 
 import { randomBytes } from 'node:crypto'
+import { closeSync, mkdtempSync, openSync, renameSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { performance } from 'node:perf_hooks'
 import { execa, type ResultPromise } from 'execa'
 import getPort from 'get-port'
@@ -14,6 +17,7 @@ import type { FastifyBaseLogger as Logger } from 'fastify'
 import type { Config } from '../config.js'
 import { VmcgiError } from '../errors.js'
 import type { AccelDecision } from './accel.js'
+import { Qmp, waitForMigration } from './qmp.js'
 import { buildQemuArgs } from './qemu-args.js'
 import { waitUntilReady } from './readiness.js'
 
@@ -27,7 +31,24 @@ export interface VmEnvironment {
   sandbox: boolean
   /** Command prefix that makes QEMU die with vmcgi (setpriv --pdeathsig), or []. */
   deathSignalPrefix: readonly string[]
+  /** Clone mode: every VM restores this snapshot instead of booting (see snapshot.ts). */
+  snapshot?: SnapshotFiles
 }
+
+/** A booted guest saved once: RAM in a file, device state in another. */
+export interface SnapshotFiles {
+  ramPath: string
+  statePath: string
+}
+
+/**
+ * How a VM comes to life: a cold boot; the template, booted once with its RAM
+ * in a shared file and then saved; or a clone, restored from the template.
+ */
+export type VmMode =
+  | { kind: 'boot' }
+  | { kind: 'template'; files: SnapshotFiles; qmpSocket: string }
+  | { kind: 'clone'; files: SnapshotFiles; qmpSocket: string }
 
 /** The face of a VM that the server sees; unit tests put a fake behind it. */
 export interface GuestVm {
@@ -57,8 +78,23 @@ const spawnAttempts = 3
 const stderrTailBytes = 4096
 
 export function createQemuVmFactory(env: VmEnvironment): VmFactory {
-  return (log) => new QemuVm(env, log)
+  return (log) => {
+    const vm = env.snapshot
+      ? new QemuVm(env, log, { kind: 'clone', files: env.snapshot, qmpSocket: join(runtimeDir(), `${randomBytes(6).toString('hex')}.qmp`) })
+      : new QemuVm(env, log)
+    return vm
+  }
 }
+
+/** A private folder for this process's QMP sockets. */
+let runtime: string | undefined
+function runtimeDir(): string {
+  runtime ??= mkdtempSync(join(tmpdir(), 'vmcgi-run-'))
+  return runtime
+}
+
+/** The fd on which a clone's QEMU reads the template's device state. */
+const stateFd = 3
 
 export class QemuVm implements GuestVm {
   readonly id = `vm-${randomBytes(4).toString('hex')}`
@@ -76,8 +112,13 @@ export class QemuVm implements GuestVm {
   /** Aborted when the VM is stopped, so that a boot in progress ends at once. */
   #stopping = new AbortController()
 
-  constructor(env: VmEnvironment, log: Logger) {
+  #mode: VmMode
+  /** Console text awaited by someone, with what to do when it shows. */
+  #consoleWaiters: Array<{ text: string; resolve: () => void }> = []
+
+  constructor(env: VmEnvironment, log: Logger, mode: VmMode = { kind: 'boot' }) {
     this.#env = env
+    this.#mode = mode
     this.#log = log.child({ vm: this.id })
     this.#console = new Tail(env.config.vm.consoleTailBytes)
   }
@@ -128,6 +169,7 @@ export class QemuVm implements GuestVm {
         const { consoleReady } = await this.#spawn(exit)
         const any = AbortSignal.any([signal, deadline.signal, exit.signal, this.#stopping.signal])
         try {
+          if (this.#mode.kind === 'clone') await this.#restore(any)
           await waitUntilReady({
             host: '127.0.0.1',
             port: this.#port,
@@ -137,6 +179,7 @@ export class QemuVm implements GuestVm {
             signal: any,
             consoleReady,
           })
+          if (this.#mode.kind === 'clone' && this.#env.config.vm.snapshot.reseed) await this.#makeUnique(any)
           break
         } catch (error) {
           if (signal.aborted) throw signal.reason
@@ -183,25 +226,106 @@ export class QemuVm implements GuestVm {
     // a later destroy() sends SIGKILL at once.
     this.#child?.kill(signal)
     await this.#exited
+    if (this.#mode.kind === 'clone') rmSync(this.#mode.qmpSocket, { force: true })
     if ((this.#state as VmState) !== 'stopped') this.#enter('stopped')
+  }
+
+  /**
+   * Saves a booted template: its RAM is already in the shared file, so only the
+   * device state is written (x-ignore-shared), to a temporary file renamed into
+   * place once complete. The template keeps running; stop it afterwards.
+   */
+  async saveSnapshot(signal: AbortSignal): Promise<void> {
+    if (this.#mode.kind !== 'template') throw new VmcgiError('INTERNAL', `${this.id} is not a template`)
+    this.#expect('ready', 'snapshot')
+    const { files, qmpSocket } = this.#mode
+    const partial = `${files.statePath}.partial`
+    const qmp = await Qmp.connect(qmpSocket, signal)
+    try {
+      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] })
+      // Saved while running, so that every clone starts running as soon as it is restored.
+      await qmp.execute('migrate', { uri: `exec:cat > '${partial.replaceAll("'", "'\\''")}'` })
+      await waitForMigration(qmp, signal)
+    } finally {
+      qmp.close()
+    }
+    renameSync(partial, files.statePath)
+  }
+
+  /**
+   * Hands a clone the template's device state on descriptor 3. Its RAM is the
+   * template's file, so only device state is in the stream (x-ignore-shared).
+   * The template was saved running, so the clone runs as soon as it is restored.
+   */
+  async #restore(signal: AbortSignal): Promise<void> {
+    if (this.#mode.kind !== 'clone') return
+    const qmp = await Qmp.connect(this.#mode.qmpSocket, signal)
+    try {
+      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] })
+      await qmp.execute('migrate-incoming', { uri: `fd:${stateFd}` })
+    } finally {
+      qmp.close()
+    }
+  }
+
+  /**
+   * Clones of one template share its RNG state and clock. Before a clone sees
+   * a request, the guest's agent (images/init) takes fresh entropy from here,
+   * reseeds its kernel's CRNG, sets the clock, and says so on the console.
+   */
+  async #makeUnique(signal: AbortSignal): Promise<void> {
+    const nonce = randomBytes(8).toString('hex')
+    const seed = randomBytes(32).toString('hex')
+    const done = this.#awaitConsole(`vmcgi: reseeded ${nonce}`, signal)
+    this.#child!.stdin!.write(`vmcgi-seed ${seed} ${Math.floor(Date.now() / 1000)} ${nonce}\n`)
+    await done
+  }
+
+  #awaitConsole(text: string, signal: AbortSignal): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const waiter = { text, resolve }
+      this.#consoleWaiters.push(waiter)
+      signal.addEventListener('abort', () => {
+        this.#consoleWaiters = this.#consoleWaiters.filter((other) => other !== waiter)
+        reject(signal.reason)
+      }, { once: true })
+    })
   }
 
   /** Starts QEMU on a fresh port. Resolves once spawned, with a promise for the console's ready line. */
   async #spawn(exit: AbortController): Promise<{ consoleReady: Promise<void> }> {
     const { config, accel, sandbox, deathSignalPrefix } = this.#env
+    const mode = this.#mode
     this.#port = await getPort({ host: '127.0.0.1' })
     if (this.#stopping.signal.aborted) throw new VmcgiError('VM_EXITED', 'the VM was stopped before it started')
-    const args = buildQemuArgs({ vm: config.vm, accel: accel.accel, hostPort: this.#port, sandbox, name: this.id })
-    const [file, ...rest] = [...deathSignalPrefix, config.vm.qemu, ...args] as [string, ...string[]]
-    const child = execa(file, rest, {
-      stdin: 'pipe',
-      stdout: 'pipe',
-      stderr: 'pipe',
-      buffer: false,
-      reject: false,
-      cleanup: true,
-      forceKillAfterDelay: Math.max(1, config.vm.killGraceMs),
+    const args = buildQemuArgs({
+      vm: config.vm,
+      accel: accel.accel,
+      hostPort: this.#port,
+      // The template writes its state through `exec:`, which the sandbox's
+      // spawn=deny forbids. It boots vmcgi's own image and never serves a request.
+      sandbox: sandbox && mode.kind !== 'template',
+      name: this.id,
+      memoryFile: mode.kind === 'boot' ? undefined : { path: mode.files.ramPath, share: mode.kind === 'template' },
+      qmpSocket: mode.kind === 'boot' ? undefined : mode.qmpSocket,
+      incoming: mode.kind === 'clone',
     })
+    const [file, ...rest] = [...deathSignalPrefix, config.vm.qemu, ...args] as [string, ...string[]]
+    const state = mode.kind === 'clone' ? openSync(mode.files.statePath, 'r') : undefined
+    let child: ResultPromise
+    try {
+      child = execa(file, rest, {
+        // execa passes a number through as an inherited descriptor; its types do not say so.
+        stdio: ['pipe', 'pipe', 'pipe', ...(state === undefined ? [] : [state])] as unknown as ['pipe', 'pipe', 'pipe'],
+        buffer: false,
+        reject: false,
+        cleanup: true,
+        forceKillAfterDelay: Math.max(1, config.vm.killGraceMs),
+      })
+    } finally {
+      // QEMU has its own copy of the descriptor once spawned.
+      if (state !== undefined) closeSync(state)
+    }
     this.#child = child
     const spawnStarted = performance.now()
     child.once('spawn', () => (this.#spawnMs = performance.now() - spawnStarted))
@@ -218,7 +342,12 @@ export class QemuVm implements GuestVm {
     const consoleReady = new Promise<void>((resolve) => {
       child.stdout!.on('data', (chunk: Buffer) => {
         this.#console.push(chunk)
-        if (readyLine && this.#console.text().includes(readyLine)) resolve()
+        const text = this.#console.text()
+        if (readyLine && text.includes(readyLine)) resolve()
+        for (const waiter of this.#consoleWaiters.filter((candidate) => text.includes(candidate.text))) {
+          this.#consoleWaiters = this.#consoleWaiters.filter((other) => other !== waiter)
+          waiter.resolve()
+        }
       })
     })
     child.stderr!.on('data', (chunk: Buffer) => this.#stderr.push(chunk))

@@ -54,3 +54,28 @@ describe('buildQemuArgs', () => {
     expect(without).not.toContain('-sandbox')
   })
 })
+
+describe('buildQemuArgs for snapshots and clones', () => {
+  it('puts the template\'s RAM in a shared file and opens QMP', () => {
+    const { vm } = fakeConfig({ vm: { memoryMiB: 128 } })
+    const args = buildQemuArgs({
+      vm, accel: 'tcg', hostPort: 1, sandbox: false, name: 'x',
+      memoryFile: { path: '/snap/ram', share: true }, qmpSocket: '/snap/qmp.sock',
+    })
+    expect(valueOf(args, '-machine')).toBe('virt,memory-backend=mem0')
+    expect(valueOf(args, '-object')).toBe('rng-random,id=rng0,filename=/dev/urandom')
+    expect(args).toContain('memory-backend-file,id=mem0,size=128M,mem-path=/snap/ram,share=on')
+    expect(valueOf(args, '-qmp')).toBe('unix:/snap/qmp.sock,server=on,wait=off')
+    expect(args).not.toContain('-incoming')
+  })
+
+  it('maps a clone\'s RAM privately, so the template file is never written, and waits for the state', () => {
+    const { vm } = fakeConfig()
+    const args = buildQemuArgs({
+      vm, accel: 'tcg', hostPort: 1, sandbox: false, name: 'x',
+      memoryFile: { path: '/snap/ram', share: false }, qmpSocket: '/run/c.sock', incoming: true,
+    })
+    expect(args).toContain('memory-backend-file,id=mem0,size=128M,mem-path=/snap/ram,share=off')
+    expect(valueOf(args, '-incoming')).toBe('defer')
+  })
+})

@@ -1,0 +1,93 @@
+// A minimal client for the QEMU Machine Protocol: JSON lines over a unix
+// socket. Enough to pause, snapshot and restore a VM.
+
+import { connect, type Socket } from 'node:net'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { VmcgiError } from '../errors.js'
+
+interface Pending {
+  resolve: (value: unknown) => void
+  reject: (error: Error) => void
+}
+
+export class Qmp {
+  #socket: Socket
+  #pending: Pending[] = []
+  #buffer = ''
+  #closed = false
+
+  private constructor(socket: Socket) {
+    this.#socket = socket
+    socket.setEncoding('utf8')
+    socket.on('data', (text: string) => this.#receive(text))
+    socket.on('error', () => {})
+    socket.on('close', () => {
+      this.#closed = true
+      for (const pending of this.#pending.splice(0)) pending.reject(new VmcgiError('VM_EXITED', 'QMP connection closed'))
+    })
+  }
+
+  /** Connects once QEMU has made its socket, then leaves capabilities negotiation. */
+  static async connect(path: string, signal: AbortSignal): Promise<Qmp> {
+    for (;;) {
+      signal.throwIfAborted()
+      const socket = await new Promise<Socket | undefined>((resolve) => {
+        const attempt = connect(path)
+        attempt.once('connect', () => resolve(attempt))
+        attempt.once('error', () => resolve(undefined))
+      })
+      if (socket) {
+        const qmp = new Qmp(socket)
+        // The greeting comes first, unasked; it is the answer to nothing.
+        await qmp.#next()
+        await qmp.execute('qmp_capabilities')
+        return qmp
+      }
+      await sleep(2, undefined, { signal }).catch(() => {})
+    }
+  }
+
+  /** Runs one command; rejects with QEMU's error description. */
+  async execute(command: string, args?: Record<string, unknown>): Promise<unknown> {
+    const answer = this.#next()
+    this.#socket.write(`${JSON.stringify(args ? { execute: command, arguments: args } : { execute: command })}\n`)
+    return answer
+  }
+
+  close(): void {
+    this.#socket.destroy()
+  }
+
+  #next(): Promise<unknown> {
+    if (this.#closed) return Promise.reject(new VmcgiError('VM_EXITED', 'QMP connection closed'))
+    return new Promise((resolve, reject) => this.#pending.push({ resolve, reject }))
+  }
+
+  #receive(text: string): void {
+    this.#buffer += text
+    let newline
+    while ((newline = this.#buffer.indexOf('\n')) !== -1) {
+      const line = this.#buffer.slice(0, newline).trim()
+      this.#buffer = this.#buffer.slice(newline + 1)
+      if (!line) continue
+      const message = JSON.parse(line) as { QMP?: unknown; return?: unknown; error?: { desc: string }; event?: string }
+      if (message.event) continue
+      const pending = this.#pending.shift()
+      if (!pending) continue
+      if (message.error) pending.reject(new VmcgiError('SPAWN_FAILED', `QMP: ${message.error.desc}`))
+      else pending.resolve(message.QMP ?? message.return)
+    }
+  }
+}
+
+/** Polls query-migrate until the migration has completed; rejects if it failed. */
+export async function waitForMigration(qmp: Qmp, signal: AbortSignal): Promise<void> {
+  for (;;) {
+    const { status, 'error-desc': error } = (await qmp.execute('query-migrate')) as { status?: string; 'error-desc'?: string }
+    if (status === 'completed') return
+    if (status === 'failed' || status === 'cancelled') {
+      throw new VmcgiError('SPAWN_FAILED', `migration ${status}${error ? `: ${error}` : ''}`)
+    }
+    await sleep(2, undefined, { signal })
+  }
+}
