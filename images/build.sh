@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
-# Builds the aarch64 guest used by vmcgi: a small Linux kernel (Image) and a
-# busybox initramfs that serves a site directory with busybox httpd.
+# Builds a vmcgi guest: a small Linux kernel (Image) and a busybox initramfs
+# that serves a site directory with busybox httpd.
 #
-#   bash images/build.sh [--site DIR] [--out DIR]
+#   bash images/build.sh [--arch aarch64|x86_64] [--site DIR] [--out DIR]
+#                        [--kernel-source linux-source-X.Y|TARBALL]
 #
-# Defaults: --site images/site, --out images/out/aarch64. Relative paths are
-# taken relative to the current directory. Outputs: $OUT/Image and
+# Defaults: --arch aarch64, --site images/site, --out images/out/<arch>.
+# Relative paths are taken relative to the current directory.
+#
+# Outputs: $OUT/Image (for x86_64 a bzImage, under the same name) and
 # $OUT/initramfs.cpio.gz, each with a .key file holding the hash of its
-# inputs. Unchanged inputs make a rerun a no-op. Kernel builds are cached
-# in images/out/cache and shared by every --out directory.
+# inputs. Unchanged inputs make a rerun a no-op. Kernel builds are cached in
+# images/out/cache and shared by every --out directory.
+#
+# The kernel source is Debian's linux-source-X.Y tarball: the one named by
+# --kernel-source (or $KERNEL_SOURCE), else the newest one installed under
+# /usr/src, else the newest one apt knows. The compiler is the native gcc
+# when the guest has the build host's architecture, a cross gcc otherwise;
+# $CROSS_COMPILE, when set, overrides that choice.
 set -Eeuo pipefail
 
 IMAGES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+ARCH=aarch64
 SITE="$IMAGES_DIR/site"
-OUT="$IMAGES_DIR/out/aarch64"
+OUT=""
 CACHE="$IMAGES_DIR/out/cache"
-KSRC_TARBALL=/usr/src/linux-source-6.1.tar.xz
-KSRC_PKG=linux-source-6.1
-CROSS=aarch64-linux-gnu-
+KERNEL_SOURCE=${KERNEL_SOURCE:-}
 # Applets the init script and the CGI scripts rely on; the build fails if
 # the busybox binary does not provide one of them.
-REQUIRED_APPLETS="sh mount ip httpd echo cat head sleep poweroff env sort printf tr od hexdump sed grep cut ls nc wget kill true test"
+REQUIRED_APPLETS="sh mount ip httpd echo cat head sleep poweroff env sort printf tr od hexdump sed grep cut ls nc wget kill true test stty date"
 
 STEP="starting"
 step() {
@@ -47,12 +55,16 @@ on_err() {
 trap 'on_err $LINENO' ERR
 
 usage() {
-    echo "usage: bash images/build.sh [--site DIR] [--out DIR]" >&2
+    echo "usage: bash images/build.sh [--arch aarch64|x86_64] [--site DIR] [--out DIR] [--kernel-source linux-source-X.Y|TARBALL]" >&2
     exit 2
 }
 
 while [ $# -gt 0 ]; do
     case "$1" in
+        --arch) [ $# -ge 2 ] || usage; ARCH="$2"; shift 2 ;;
+        --arch=*) ARCH="${1#--arch=}"; shift ;;
+        --kernel-source) [ $# -ge 2 ] || usage; KERNEL_SOURCE="$2"; shift 2 ;;
+        --kernel-source=*) KERNEL_SOURCE="${1#--kernel-source=}"; shift ;;
         --site) [ $# -ge 2 ] || usage; SITE="$2"; shift 2 ;;
         --site=*) SITE="${1#--site=}"; shift ;;
         --out) [ $# -ge 2 ] || usage; OUT="$2"; shift 2 ;;
@@ -61,6 +73,24 @@ while [ $# -gt 0 ]; do
         *) echo "images: unknown argument: $1" >&2; usage ;;
     esac
 done
+
+# What differs between the guest architectures: the kernel's ARCH, Debian's
+# name for the architecture (busybox-static, cross compiler), the fragment
+# merged onto tinyconfig, and the kernel image that QEMU's -kernel takes.
+case "$ARCH" in
+    aarch64)
+        KARCH=arm64 DEB_ARCH=arm64 GNU_TYPE=aarch64-linux-gnu
+        FRAGMENT="$IMAGES_DIR/kernel.config"
+        KTARGET=Image KIMAGE=arch/arm64/boot/Image
+        ;;
+    x86_64)
+        KARCH=x86_64 DEB_ARCH=amd64 GNU_TYPE=x86_64-linux-gnu
+        FRAGMENT="$IMAGES_DIR/kernel-x86_64.config"
+        KTARGET=bzImage KIMAGE=arch/x86/boot/bzImage
+        ;;
+    *) echo "images: unknown --arch '$ARCH' (aarch64 or x86_64)" >&2; usage ;;
+esac
+[ -n "$OUT" ] || OUT="$IMAGES_DIR/out/$ARCH"
 SITE=$(realpath -m -- "$SITE")
 OUT=$(realpath -m -- "$OUT")
 
@@ -75,11 +105,58 @@ pkg_installed() {
 command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 ||
     fail "this script needs a Debian-based system (dpkg, apt-get)"
 
+# The compiler: native when the guest has this machine's architecture.
+HOST_DEB_ARCH=$(dpkg --print-architecture)
+if [ "${CROSS_COMPILE+set}" = set ]; then
+    CROSS=$CROSS_COMPILE
+elif [ "$HOST_DEB_ARCH" = "$DEB_ARCH" ]; then
+    CROSS=""
+else
+    CROSS="$GNU_TYPE-"
+fi
+case "$CROSS" in
+    "") CC_PKG=gcc ;;
+    "$GNU_TYPE-") CC_PKG="gcc-${GNU_TYPE//_/-}" ;;
+    *) CC_PKG="" ;;
+esac
+
+# The kernel source: a linux-source-X.Y package (its tarball in /usr/src) or
+# any kernel tarball given by path.
+newest_installed_ksrc() {
+    local f
+    for f in /usr/src/linux-source-*.tar.xz; do
+        [ -f "$f" ] || continue
+        f=${f##*/}
+        echo "${f%.tar.xz}"
+    done | grep -xE 'linux-source-[0-9]+\.[0-9]+' | sort -V | tail -n 1 || true
+}
+newest_known_ksrc() {
+    apt-cache pkgnames linux-source- 2>/dev/null |
+        grep -xE 'linux-source-[0-9]+\.[0-9]+' | sort -V | tail -n 1 || true
+}
+KSRC_PKG="" KSRC_TARBALL=""
+case "$KERNEL_SOURCE" in
+    "")
+        KSRC_PKG=$(newest_installed_ksrc)
+        [ -n "$KSRC_PKG" ] || KSRC_PKG=$(newest_known_ksrc)
+        ;;
+    linux-source-*) KSRC_PKG=$KERNEL_SOURCE ;;
+    *)
+        KSRC_TARBALL=$(realpath -m -- "$KERNEL_SOURCE")
+        [ -f "$KSRC_TARBALL" ] || fail "--kernel-source: neither a linux-source-X.Y package name nor a file: $KERNEL_SOURCE"
+        ;;
+esac
+[ -z "$KSRC_PKG" ] || KSRC_TARBALL="/usr/src/$KSRC_PKG.tar.xz"
+
 missing=()
 need_cmd() { # command package
     command -v "$1" >/dev/null 2>&1 || missing+=("$2")
 }
-need_cmd "${CROSS}gcc" gcc-aarch64-linux-gnu
+if [ -n "$CC_PKG" ]; then
+    need_cmd "${CROSS}gcc" "$CC_PKG"
+else
+    command -v "${CROSS}gcc" >/dev/null 2>&1 || fail "CROSS_COMPILE=$CROSS but ${CROSS}gcc is not on PATH"
+fi
 need_cmd gcc gcc
 need_cmd make make
 need_cmd bc bc
@@ -90,48 +167,68 @@ need_cmd gzip gzip
 need_cmd xz xz-utils
 need_cmd flock util-linux
 need_cmd perl perl
-[ -f "$KSRC_TARBALL" ] || missing+=("$KSRC_PKG")
+if [ -n "$KSRC_PKG" ] && [ ! -f "$KSRC_TARBALL" ]; then
+    missing+=("$KSRC_PKG")
+fi
 for p in libc6-dev libssl-dev libelf-dev; do
     pkg_installed "$p" || missing+=("$p")
 done
 
-# busybox-static:arm64 must be cached already or downloadable with apt.
+# busybox-static for the guest's architecture must be cached already or
+# downloadable with apt (for a foreign architecture, dpkg must know it).
+BB_PKG="busybox-static:$DEB_ARCH"
 BB_DIR="$CACHE/busybox"
 bb_deb() {
     [ -d "$BB_DIR" ] || return 0
-    find "$BB_DIR" -maxdepth 1 -name 'busybox-static_*_arm64.deb' | sort | tail -n 1
+    find "$BB_DIR" -maxdepth 1 -name "busybox-static_*_$DEB_ARCH.deb" | sort | tail -n 1
 }
 need_arch=0 need_lists=0
 if [ -z "$(bb_deb)" ]; then
-    grep -qx arm64 <<<"$(dpkg --print-foreign-architectures)" || need_arch=1
-    if [ "$need_arch" = 1 ] || ! apt-cache show busybox-static:arm64 >/dev/null 2>&1; then
+    if [ "$DEB_ARCH" != "$HOST_DEB_ARCH" ]; then
+        grep -qx "$DEB_ARCH" <<<"$(dpkg --print-foreign-architectures)" || need_arch=1
+    fi
+    if [ "$need_arch" = 1 ] || ! apt-cache show "$BB_PKG" >/dev/null 2>&1; then
         need_lists=1
     fi
 fi
+# No kernel source installed and none known to apt: apt's lists are missing.
+[ -n "$KSRC_TARBALL" ] || need_lists=1
 
 if [ ${#missing[@]} -gt 0 ] || [ "$need_lists" = 1 ]; then
     if ! is_root; then
         msg="missing:"
         [ ${#missing[@]} -eq 0 ] || msg+=" Debian packages ${missing[*]};"
-        [ "$need_lists" = 0 ] || msg+=" busybox-static:arm64 (not known to apt);"
+        [ -n "$KSRC_TARBALL" ] || msg+=" a kernel source (linux-source-X.Y, not known to apt);"
+        if [ -z "$(bb_deb)" ] && ! apt-cache show "$BB_PKG" >/dev/null 2>&1; then
+            msg+=" $BB_PKG (not known to apt);"
+        fi
         msg+=" as root run:"
-        [ "$need_arch" = 0 ] || msg+=" dpkg --add-architecture arm64 &&"
+        [ "$need_arch" = 0 ] || msg+=" dpkg --add-architecture $DEB_ARCH &&"
         msg+=" apt-get update"
         [ ${#missing[@]} -eq 0 ] || msg+=" && apt-get install --no-install-recommends ${missing[*]}"
+        [ -n "$KSRC_TARBALL" ] || msg+=" && apt-get install --no-install-recommends linux-source"
         fail "$msg"
     fi
     if [ "$need_arch" = 1 ]; then
-        echo "    adding dpkg architecture arm64"
-        dpkg --add-architecture arm64
+        echo "    adding dpkg architecture $DEB_ARCH"
+        dpkg --add-architecture "$DEB_ARCH"
     fi
     apt-get update -q
+    if [ -z "$KSRC_TARBALL" ]; then
+        KSRC_PKG=$(newest_known_ksrc)
+        [ -n "$KSRC_PKG" ] || fail "apt knows no linux-source-X.Y package"
+        KSRC_TARBALL="/usr/src/$KSRC_PKG.tar.xz"
+        missing+=("$KSRC_PKG")
+    fi
     if [ ${#missing[@]} -gt 0 ]; then
         echo "    installing: ${missing[*]}"
         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
     fi
-    [ "$need_lists" = 0 ] || apt-cache show busybox-static:arm64 >/dev/null 2>&1 ||
-        fail "apt cannot find busybox-static:arm64"
+    [ -n "$(bb_deb)" ] || apt-cache show "$BB_PKG" >/dev/null 2>&1 ||
+        fail "apt cannot find $BB_PKG"
 fi
+[ -f "$KSRC_TARBALL" ] || fail "kernel source tarball not found: $KSRC_TARBALL"
+echo "    guest: $ARCH; kernel source: $KSRC_TARBALL; compiler: ${CROSS}gcc"
 
 mkdir -p "$CACHE" "$OUT" "$BB_DIR"
 # One build at a time per cache: the kernel tree and busybox are shared.
@@ -144,14 +241,14 @@ if [ -z "$(bb_deb)" ]; then
     # As root, apt would otherwise warn that its _apt user cannot write here.
     sandbox=()
     is_root && sandbox=(-o APT::Sandbox::User=root)
-    (cd "$BB_DIR" && apt-get download -q "${sandbox[@]}" busybox-static:arm64)
+    (cd "$BB_DIR" && apt-get download -q "${sandbox[@]}" "$BB_PKG")
 else
     echo "    cached: $(basename "$(bb_deb)")"
 fi
 BB_DEB=$(bb_deb)
-[ -n "$BB_DEB" ] || fail "busybox-static:arm64 download produced no .deb"
+[ -n "$BB_DEB" ] || fail "$BB_PKG download produced no .deb"
 BB_VERSION=$(dpkg-deb -f "$BB_DEB" Version)
-BB_ROOT="$BB_DIR/root-${BB_VERSION//[^A-Za-z0-9.+~-]/_}"
+BB_ROOT="$BB_DIR/root-$DEB_ARCH-${BB_VERSION//[^A-Za-z0-9.+~-]/_}"
 if [ ! -x "$BB_ROOT/bin/busybox" ]; then
     rm -rf "$BB_ROOT" "$BB_ROOT.tmp"
     dpkg -x "$BB_DEB" "$BB_ROOT.tmp"
@@ -161,17 +258,19 @@ BUSYBOX="$BB_ROOT/bin/busybox"
 [ -x "$BUSYBOX" ] || fail "$BB_DEB has no bin/busybox"
 
 # ---------------------------------------------------------------- keys
-KSRC_VERSION=$(dpkg-query -W -f='${Version}' "$KSRC_PKG" 2>/dev/null || true)
-[ -n "$KSRC_VERSION" ] || KSRC_VERSION="tarball-$(stat -c '%s-%Y' "$KSRC_TARBALL")"
+KSRC_VERSION=""
+[ -z "$KSRC_PKG" ] || KSRC_VERSION=$(dpkg-query -W -f='${Version}' "$KSRC_PKG" 2>/dev/null || true)
+[ -n "$KSRC_VERSION" ] || KSRC_VERSION="tarball-${KSRC_TARBALL##*/}-$(stat -c '%s-%Y' "$KSRC_TARBALL")"
 GCC_VERSION=$("${CROSS}gcc" -dumpfullversion 2>/dev/null || "${CROSS}gcc" -dumpversion)
 
 KERNEL_KEY=$(
     {
-        echo "kernel-key-v1"
+        echo "kernel-key-v2"
+        echo "arch: $ARCH"
         echo "linux-source: $KSRC_VERSION"
-        echo "cross-gcc: $GCC_VERSION"
+        echo "gcc: ${CROSS}gcc $GCC_VERSION"
         sha256sum "$IMAGES_DIR/build.sh" | cut -d' ' -f1
-        sha256sum "$IMAGES_DIR/kernel.config" | cut -d' ' -f1
+        sha256sum "$FRAGMENT" | cut -d' ' -f1
     } | sha256sum | cut -d' ' -f1
 )
 
@@ -204,11 +303,13 @@ SITE_MANIFEST=$(site_manifest)
 
 INITRAMFS_KEY=$(
     {
-        echo "initramfs-key-v1"
-        echo "busybox: $BB_VERSION"
+        echo "initramfs-key-v2"
+        echo "busybox: $DEB_ARCH $BB_VERSION"
         echo "linux-source: $KSRC_VERSION"
         sha256sum "$IMAGES_DIR/build.sh" | cut -d' ' -f1
         sha256sum "$IMAGES_DIR/init" | cut -d' ' -f1
+        sha256sum "$IMAGES_DIR/reseed.c" | cut -d' ' -f1
+        echo "gcc: ${CROSS}gcc $GCC_VERSION"
         echo "$SITE_MANIFEST"
     } | sha256sum | cut -d' ' -f1
 )
@@ -219,7 +320,12 @@ key_matches() { # output keyfile key
 
 # ---------------------------------------------------------------- kernel source
 # Extracted once into the cache; also needed for usr/gen_init_cpio.c.
-KSRC="$CACHE/linux-6.1"
+if [ -n "$KSRC_PKG" ]; then
+    KSRC_NAME="linux-${KSRC_PKG#linux-source-}"
+else
+    KSRC_NAME="src-$(basename "$KSRC_TARBALL" | sed -E 's/\.tar(\.[a-z0-9]+)?$//')"
+fi
+KSRC="$CACHE/$KSRC_NAME"
 ksrc_ready() { [ -f "$KSRC/.vmcgi-extracted" ] && [ "$(cat "$KSRC/.vmcgi-extracted")" = "$KSRC_VERSION" ]; }
 ensure_kernel_source() {
     if ksrc_ready; then
@@ -228,7 +334,7 @@ ensure_kernel_source() {
     step "extracting kernel source"
     rm -rf "$KSRC" "$KSRC.tmp"
     mkdir -p "$KSRC.tmp"
-    tar -xJf "$KSRC_TARBALL" -C "$KSRC.tmp" --strip-components=1
+    tar -xf "$KSRC_TARBALL" -C "$KSRC.tmp" --strip-components=1
     echo "$KSRC_VERSION" >"$KSRC.tmp/.vmcgi-extracted"
     mv "$KSRC.tmp" "$KSRC"
 }
@@ -249,15 +355,15 @@ elif [ -f "$KCACHE/Image" ]; then
     echo "$KERNEL_KEY" >"$OUT/Image.key"
 else
     ensure_kernel_source
-    KBUILD="$CACHE/kbuild-arm64"
+    KBUILD="$CACHE/kbuild-$ARCH-$KSRC_NAME"
     KLOG="$KBUILD/build.log"
     mkdir -p "$KBUILD"
-    kmake() { make -C "$KSRC" O="$KBUILD" ARCH=arm64 CROSS_COMPILE="$CROSS" "$@"; }
+    kmake() { make -C "$KSRC" O="$KBUILD" ARCH="$KARCH" CROSS_COMPILE="$CROSS" "$@"; }
 
     step "configuring kernel"
     : >"$KLOG"
     if ! { kmake tinyconfig &&
-        "$KSRC/scripts/kconfig/merge_config.sh" -m -O "$KBUILD" "$KBUILD/.config" "$IMAGES_DIR/kernel.config" &&
+        "$KSRC/scripts/kconfig/merge_config.sh" -m -O "$KBUILD" "$KBUILD/.config" "$FRAGMENT" &&
         kmake olddefconfig; } >>"$KLOG" 2>&1; then
         tail -n 30 "$KLOG" >&2
         fail "kernel configuration failed (log: $KLOG)"
@@ -274,25 +380,25 @@ else
                 grep -q "^$opt=" "$KBUILD/.config" && bad+=("$line")
                 ;;
         esac
-    done <"$IMAGES_DIR/kernel.config"
+    done <"$FRAGMENT"
     if [ ${#bad[@]} -gt 0 ]; then
         for b in "${bad[@]}"; do
             opt=${b#\# }; opt=${opt%%[= ]*}
-            echo "images: kernel.config wants '$b' but .config has: $(grep -E "^(# )?$opt[= ]" "$KBUILD/.config" || echo "(not present: unmet dependency?)")" >&2
+            echo "images: ${FRAGMENT##*/} wants '$b' but .config has: $(grep -E "^(# )?$opt[= ]" "$KBUILD/.config" || echo "(not present: unmet dependency?)")" >&2
         done
         fail "kernel option(s) missing after olddefconfig: ${bad[*]}"
     fi
 
-    step "building kernel (takes ~3 min)"
+    step "building $ARCH kernel from $KSRC_NAME (takes ~3 min; log: $KLOG)"
     start=$(date +%s)
-    if ! kmake -j"$(nproc)" Image >>"$KLOG" 2>&1; then
+    if ! kmake -j"$(nproc)" "$KTARGET" >>"$KLOG" 2>&1; then
         tail -n 30 "$KLOG" >&2
         fail "kernel build failed (log: $KLOG)"
     fi
     echo "    kernel built in $(($(date +%s) - start)) s"
     rm -rf "$KCACHE.tmp"
     mkdir -p "$KCACHE.tmp"
-    cp "$KBUILD/arch/arm64/boot/Image" "$KCACHE.tmp/Image"
+    cp "$KBUILD/$KIMAGE" "$KCACHE.tmp/Image"
     cp "$KBUILD/.config" "$KCACHE.tmp/config"
     rm -rf "$KCACHE"
     mv "$KCACHE.tmp" "$KCACHE"
@@ -338,6 +444,11 @@ mkdir -p "$ETC"
 echo "root:x:0:0:root:/root:/bin/sh" >"$ETC/passwd"
 echo "root:x:0:" >"$ETC/group"
 
+# The clone reseeding helper (see reseed.c): freestanding, no C library.
+RESEED="$WORK/vmcgi-reseed"
+"${CROSS}gcc" -nostdlib -static -ffreestanding -fno-stack-protector -fno-builtin -Os -s \
+    -o "$RESEED" "$IMAGES_DIR/reseed.c" || fail "compiling reseed.c"
+
 LIST="$WORK/initramfs.list"
 {
     echo "# generated by images/build.sh; input for gen_init_cpio"
@@ -355,6 +466,7 @@ LIST="$WORK/initramfs.list"
         [ "$a" = busybox ] || echo "slink /bin/$a busybox 0777 0 0"
     done <<<"$APPLETS"
     echo "file /init $IMAGES_DIR/init 0755 0 0"
+    echo "file /bin/vmcgi-reseed $RESEED 0755 0 0"
     echo "file /etc/passwd $ETC/passwd 0644 0 0"
     echo "file /etc/group $ETC/group 0644 0 0"
     while read -r type mode rel extra; do
