@@ -119,6 +119,7 @@ export class VmPool {
     }
     this.#onBooted(vm)
     this.#ready.push(vm)
+    this.#log.info({ vm: vm.id, bootMs: vm.bootMs, pooled: this.#ready.length }, 'warm VM ready')
     // A warm VM that dies while it waits is dropped and replaced.
     void vm.exited.then(() => {
       const index = this.#ready.indexOf(vm)

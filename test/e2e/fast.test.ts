@@ -1,0 +1,128 @@
+// Boot off the request path: a pool of pre-booted VMs, and copy-on-write
+// clones of a saved template. Real CLI, real QEMU, real guest.
+
+import { createHash } from 'node:crypto'
+import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { request } from 'undici'
+import { afterAll, describe, expect, it } from 'vitest'
+import { allQemuProcesses, expectNoVms, startVmcgi, type Vmcgi } from './harness.js'
+
+async function get(vmcgi: Vmcgi, path: string) {
+  const res = await request(`${vmcgi.url}${path}`)
+  return { status: res.statusCode, headers: res.headers, body: await res.body.text() }
+}
+
+/** Waits until the pool holds `count` booted VMs, as its log says. */
+async function poolHolds(vmcgi: Vmcgi, count: number): Promise<void> {
+  const pooled = () => vmcgi.logLines().filter((line) => line.msg === 'warm VM ready').at(-1)?.pooled
+  await expect.poll(pooled, { timeout: 15_000 }).toBe(count)
+}
+
+const idOf = (body: string) => /^id: ([0-9a-f]{32})$/m.exec(body)?.[1]
+const waitOf = (timing: unknown) => Number(/wait;dur=([\d.]+)/.exec(String(timing))?.[1])
+
+const snapshotDir = mkdtempSync(join(tmpdir(), 'vmcgi-e2e-snapshots-'))
+afterAll(async () => {
+  rmSync(snapshotDir, { recursive: true, force: true })
+  expect(await allQemuProcesses()).toEqual([])
+})
+
+describe('pool mode', () => {
+  it('serves from a pre-booted VM with no wait, then boots a replacement', async () => {
+    const vmcgi = await startVmcgi({ pool: { size: 2 } })
+    await poolHolds(vmcgi, 2)
+    const answer = await get(vmcgi, '/cgi-bin/id')
+    expect(answer.status).toBe(200)
+    expect(answer.headers['vmcgi-status']).toBe('OK')
+    expect(answer.headers['vmcgi-vm-boot-time']).toMatch(/^\d+ ms \(hardware acceleration (enabled|disabled)\)$/)
+    expect(answer.headers['server-timing']).toMatch(/^queue;dur=[\d.]+, spawn;dur=[\d.]+, boot;dur=[\d.]+, wait;dur=0\.0, proxy;dur=[\d.]+$/)
+    // The used VM is killed and a new one takes its place.
+    await poolHolds(vmcgi, 2)
+    expect(await vmcgi.qemuChildren()).toHaveLength(2)
+    await vmcgi.stop()
+  })
+
+  it('boots VMs for the requests of a burst larger than the pool, each VM used once', async () => {
+    const vmcgi = await startVmcgi({ pool: { size: 1 } })
+    await poolHolds(vmcgi, 1)
+    const answers = await Promise.all([1, 2, 3].map(() => get(vmcgi, '/cgi-bin/id')))
+    expect(answers.map((answer) => answer.status)).toEqual([200, 200, 200])
+    expect(new Set(answers.map((answer) => answer.headers['vmcgi-vm-id'])).size).toBe(3)
+    expect(new Set(answers.map((answer) => idOf(answer.body))).size).toBe(3)
+    const waits = answers.map((answer) => waitOf(answer.headers['server-timing'])).sort((a, b) => a - b)
+    expect(waits[0]).toBe(0)
+    expect(waits[2]).toBeGreaterThan(0)
+    await vmcgi.stop()
+  })
+})
+
+describe('clone mode', () => {
+  let vmcgi: Vmcgi
+  afterAll(() => vmcgi?.stop())
+
+  it('serves every request from its own clone, each with a different random id', async () => {
+    vmcgi = await startVmcgi({ vm: { snapshot: { enabled: true, dir: snapshotDir } } })
+    const [template] = readdirSync(snapshotDir)
+    const ram = join(snapshotDir, template!, 'ram')
+    const before = createHash('sha256').update(readFileSync(ram)).digest('hex')
+
+    const sequential = [await get(vmcgi, '/cgi-bin/id'), await get(vmcgi, '/cgi-bin/id')]
+    const concurrent = await Promise.all([1, 2, 3].map(() => get(vmcgi, '/cgi-bin/id')))
+    const answers = [...sequential, ...concurrent]
+    expect(answers.every((answer) => answer.status === 200 && answer.headers['vmcgi-status'] === 'OK')).toBe(true)
+    const ids = answers.map((answer) => idOf(answer.body))
+    expect(ids.every(Boolean)).toBe(true)
+    expect(new Set(ids).size).toBe(answers.length)
+    await expectNoVms(vmcgi)
+
+    // Clones map the template's RAM privately: it is never written.
+    expect(createHash('sha256').update(readFileSync(ram)).digest('hex')).toBe(before)
+  })
+
+  it('sets the clone\'s clock to now, not to when the template was saved', async () => {
+    const answer = await get(vmcgi, '/')
+    const guestDate = Date.parse(String(answer.headers.date))
+    expect(Math.abs(guestDate - Date.now())).toBeLessThan(5_000)
+  })
+
+  it('round-trips a POST body through a clone', async () => {
+    const res = await request(`${vmcgi.url}/cgi-bin/echo`, { method: 'POST', body: 'clone body', headers: { 'content-type': 'text/plain' } })
+    expect(res.statusCode).toBe(200)
+    expect(await res.body.text()).toMatch(/body:\nclone body$/)
+  })
+})
+
+describe('clone mode without reseeding', () => {
+  it('shows why clones are reseeded: two clones print the same "random" id', async () => {
+    const vmcgi = await startVmcgi({ vm: { snapshot: { enabled: true, dir: snapshotDir, reseed: false } } })
+    const first = idOf((await get(vmcgi, '/cgi-bin/id')).body)
+    const second = idOf((await get(vmcgi, '/cgi-bin/id')).body)
+    expect(first).toBeTruthy()
+    expect(second).toBe(first)
+    await vmcgi.stop()
+  })
+})
+
+describe('clones with a pool', () => {
+  it('keeps restored clones ready and serves one with no wait', async () => {
+    const vmcgi = await startVmcgi({ pool: { size: 1 }, vm: { snapshot: { enabled: true, dir: snapshotDir } } })
+    await poolHolds(vmcgi, 1)
+    const answers = [await get(vmcgi, '/cgi-bin/id')]
+    await expect.poll(() => vmcgi.logLines().filter((line) => line.msg === 'warm VM ready').length, { timeout: 15_000 }).toBe(2)
+    answers.push(await get(vmcgi, '/cgi-bin/id'))
+    expect(answers.map((answer) => waitOf(answer.headers['server-timing']))).toEqual([0, 0])
+    expect(idOf(answers[0]!.body)).not.toBe(idOf(answers[1]!.body))
+    await vmcgi.stop()
+  })
+
+  it('makes a new template when the VM settings change', async () => {
+    const before = readdirSync(snapshotDir).filter((name) => !name.endsWith('.partial'))
+    const vmcgi = await startVmcgi({ vm: { memoryMiB: 96, snapshot: { enabled: true, dir: snapshotDir } } })
+    const after = readdirSync(snapshotDir).filter((name) => !name.endsWith('.partial'))
+    expect(after.length).toBe(before.length + 1)
+    expect((await get(vmcgi, '/cgi-bin/id')).status).toBe(200)
+    await vmcgi.stop()
+  })
+})
