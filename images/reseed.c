@@ -1,9 +1,11 @@
 /*
- * vmcgi-reseed HEX: credits the bytes HEX to the guest kernel's entropy pool
- * and makes its CRNG reseed now (the RNDADDENTROPY and RNDRESEEDCRNG ioctls of
- * random(4)). Clones of one snapshot share their RNG state until this runs;
- * writing to /dev/urandom alone would only mix the input pool, and the CRNG
- * would keep its state until its next scheduled reseed.
+ * vmcgi-reseed HEX EPOCH: credits the bytes HEX to the guest kernel's entropy
+ * pool, makes its CRNG reseed now (the RNDADDENTROPY and RNDRESEEDCRNG ioctls
+ * of random(4)), and sets the clock to EPOCH seconds. Clones of one snapshot
+ * share their RNG state and clock until this runs; writing to /dev/urandom
+ * alone would only mix the input pool, and the CRNG would keep its state until
+ * its next scheduled reseed. One program rather than two saves a fork, which
+ * is dear under emulation.
  *
  * Freestanding (no libc), so that it adds a few hundred bytes to the
  * initramfs and needs no C library for the guest's architecture.
@@ -13,11 +15,13 @@
 #define RNDRESEEDCRNG 0x5207     /* _IO('R', 0x07) */
 #define AT_FDCWD (-100)
 #define O_RDWR 2
+#define CLOCK_REALTIME 0
 #define MAX_BYTES 256
 
 #if defined(__aarch64__)
 #define SYS_openat 56
 #define SYS_ioctl 29
+#define SYS_clock_settime 112
 #define SYS_exit 93
 static long syscall3(long number, long a, long b, long c) {
 	register long x8 __asm__("x8") = number;
@@ -31,6 +35,7 @@ __asm__(".global _start\n_start:\n\tmov x0, sp\n\tbl start\n");
 #elif defined(__x86_64__)
 #define SYS_openat 257
 #define SYS_ioctl 16
+#define SYS_clock_settime 227
 #define SYS_exit 60
 static long syscall3(long number, long a, long b, long c) {
 	long result;
@@ -58,11 +63,16 @@ static int hex_digit(char c) {
 
 static int reseed(int argc, char **argv) {
 	static struct entropy entropy;
-	const char *hex;
+	struct { long tv_sec; long tv_nsec; } now = { 0, 0 };
+	const char *hex, *digit;
 	int n = 0;
 	long fd;
 
-	if (argc != 2) return 2;
+	if (argc != 3) return 2;
+	for (digit = argv[2]; *digit; digit++) {
+		if (*digit < '0' || *digit > '9') return 2;
+		now.tv_sec = now.tv_sec * 10 + (*digit - '0');
+	}
 	for (hex = argv[1]; hex[0] && hex[1]; hex += 2) {
 		int high = hex_digit(hex[0]), low = hex_digit(hex[1]);
 		if (high < 0 || low < 0 || n == MAX_BYTES) return 2;
@@ -76,6 +86,7 @@ static int reseed(int argc, char **argv) {
 	if (fd < 0) return 1;
 	if (syscall3(SYS_ioctl, fd, RNDADDENTROPY, (long)&entropy) < 0) return 1;
 	if (syscall3(SYS_ioctl, fd, RNDRESEEDCRNG, 0) < 0) return 1;
+	if (syscall3(SYS_clock_settime, CLOCK_REALTIME, (long)&now, 0) < 0) return 1;
 	return 0;
 }
 

@@ -113,6 +113,8 @@ export class QemuVm implements GuestVm {
   #stopping = new AbortController()
 
   #mode: VmMode
+  /** When the console's ready line came, after the spawn; for the debug log. */
+  #consoleReadyMs: number | undefined
   /** Console text awaited by someone, with what to do when it shows. */
   #consoleWaiters: Array<{ text: string; resolve: () => void }> = []
 
@@ -163,13 +165,22 @@ export class QemuVm implements GuestVm {
     )
     const stopped = () => new VmcgiError('VM_EXITED', 'the VM was stopped while it booted')
     const started = performance.now()
+    // Milliseconds since `started` at which each step ended, for the debug log.
+    const phases: Record<string, number> = {}
     try {
       for (let attempt = 1; ; attempt++) {
         const exit = new AbortController()
         const { consoleReady } = await this.#spawn(exit)
         const any = AbortSignal.any([signal, deadline.signal, exit.signal, this.#stopping.signal])
         try {
+          phases.spawned = performance.now() - started
           if (this.#mode.kind === 'clone') await this.#restore(any)
+          phases.restored = performance.now() - started
+          // A clone is made unique while its HTTP server is probed: it sees no
+          // request before both are done.
+          const unique = this.#mode.kind === 'clone' && this.#env.config.vm.snapshot.reseed
+            ? this.#makeUnique(any).then(() => (phases.reseeded = performance.now() - started))
+            : undefined
           await waitUntilReady({
             host: '127.0.0.1',
             port: this.#port,
@@ -179,7 +190,8 @@ export class QemuVm implements GuestVm {
             signal: any,
             consoleReady,
           })
-          if (this.#mode.kind === 'clone' && this.#env.config.vm.snapshot.reseed) await this.#makeUnique(any)
+          phases.answered = performance.now() - started
+          await unique
           break
         } catch (error) {
           if (signal.aborted) throw signal.reason
@@ -200,6 +212,7 @@ export class QemuVm implements GuestVm {
       clearTimeout(timer)
     }
     this.#bootMs = Math.round(performance.now() - started)
+    this.#log.debug({ mode: this.#mode.kind, phases: roundAll(phases), consoleReadyMs: this.#consoleReadyMs }, 'VM booted')
     this.#enter('ready')
   }
 
@@ -253,9 +266,10 @@ export class QemuVm implements GuestVm {
   }
 
   /**
-   * Hands a clone the template's device state on descriptor 3. Its RAM is the
-   * template's file, so only device state is in the stream (x-ignore-shared).
-   * The template was saved running, so the clone runs as soon as it is restored.
+   * Hands a clone the template's device state on descriptor 3 and waits until
+   * it is loaded. Its RAM is the template's file, so only device state is in
+   * the stream (x-ignore-shared). The template was saved running, so the clone
+   * runs as soon as it is restored.
    */
   async #restore(signal: AbortSignal): Promise<void> {
     if (this.#mode.kind !== 'clone') return
@@ -263,6 +277,8 @@ export class QemuVm implements GuestVm {
     try {
       await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] })
       await qmp.execute('migrate-incoming', { uri: `fd:${stateFd}` })
+      // Console input sent before the UART's state is loaded would be lost.
+      await waitForMigration(qmp, signal)
     } finally {
       qmp.close()
     }
@@ -343,7 +359,10 @@ export class QemuVm implements GuestVm {
       child.stdout!.on('data', (chunk: Buffer) => {
         this.#console.push(chunk)
         const text = this.#console.text()
-        if (readyLine && text.includes(readyLine)) resolve()
+        if (readyLine && text.includes(readyLine) && this.#consoleReadyMs === undefined) {
+          this.#consoleReadyMs = Math.round(performance.now() - spawnStarted)
+          resolve()
+        }
         for (const waiter of this.#consoleWaiters.filter((candidate) => text.includes(candidate.text))) {
           this.#consoleWaiters = this.#consoleWaiters.filter((other) => other !== waiter)
           waiter.resolve()
@@ -365,6 +384,10 @@ export class QemuVm implements GuestVm {
     this.#log.debug({ from: this.#state, to }, 'VM state')
     this.#state = to
   }
+}
+
+function roundAll(values: Record<string, number>): Record<string, number> {
+  return Object.fromEntries(Object.entries(values).map(([key, value]) => [key, Math.round(value)]))
 }
 
 /** The last `max` bytes of a stream, for the console and stderr. */
