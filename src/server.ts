@@ -45,7 +45,7 @@ declare module 'fastify' {
 export async function buildServer(config: Config, deps: ServerDeps): Promise<FastifyInstance> {
   const app = Fastify({
     ...(deps.logger ? { loggerInstance: deps.logger } : { logger: { level: config.log.level } }),
-    // One log line per request, written by the onResponse hook below.
+    // One log line per request, written when its response closes (below).
     logController: new LogController({ disableRequestLogging: true }),
     requestIdHeader: 'x-request-id',
     // timeouts.requestMs bounds a request; Node's own timer would answer without vmcgi-status.
