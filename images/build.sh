@@ -28,7 +28,7 @@ CACHE="$IMAGES_DIR/out/cache"
 KERNEL_SOURCE=${KERNEL_SOURCE:-}
 # Applets the init script and the CGI scripts rely on; the build fails if
 # the busybox binary does not provide one of them.
-REQUIRED_APPLETS="sh mount ip httpd echo cat head sleep poweroff env sort printf tr od hexdump sed grep cut ls nc wget kill true test stty date"
+REQUIRED_APPLETS="sh mount ip httpd echo cat head sleep poweroff env sort printf tr od hexdump sed grep cut ls nc wget kill true test"
 
 STEP="starting"
 step() {
@@ -308,7 +308,7 @@ INITRAMFS_KEY=$(
         echo "linux-source: $KSRC_VERSION"
         sha256sum "$IMAGES_DIR/build.sh" | cut -d' ' -f1
         sha256sum "$IMAGES_DIR/init" | cut -d' ' -f1
-        sha256sum "$IMAGES_DIR/reseed.c" | cut -d' ' -f1
+        sha256sum "$IMAGES_DIR/agent.c" | cut -d' ' -f1
         echo "gcc: ${CROSS}gcc $GCC_VERSION"
         echo "$SITE_MANIFEST"
     } | sha256sum | cut -d' ' -f1
@@ -444,10 +444,10 @@ mkdir -p "$ETC"
 echo "root:x:0:0:root:/root:/bin/sh" >"$ETC/passwd"
 echo "root:x:0:" >"$ETC/group"
 
-# The clone reseeding helper (see reseed.c): freestanding, no C library.
-RESEED="$WORK/vmcgi-reseed"
+# The guest's agent, PID 1 after init (see agent.c): freestanding, no C library.
+AGENT="$WORK/vmcgi-agent"
 "${CROSS}gcc" -nostdlib -static -ffreestanding -fno-stack-protector -fno-builtin -Os -s \
-    -o "$RESEED" "$IMAGES_DIR/reseed.c" || fail "compiling reseed.c"
+    -o "$AGENT" "$IMAGES_DIR/agent.c" || fail "compiling agent.c"
 
 LIST="$WORK/initramfs.list"
 {
@@ -466,7 +466,7 @@ LIST="$WORK/initramfs.list"
         [ "$a" = busybox ] || echo "slink /bin/$a busybox 0777 0 0"
     done <<<"$APPLETS"
     echo "file /init $IMAGES_DIR/init 0755 0 0"
-    echo "file /bin/vmcgi-reseed $RESEED 0755 0 0"
+    echo "file /bin/vmcgi-agent $AGENT 0755 0 0"
     echo "file /etc/passwd $ETC/passwd 0644 0 0"
     echo "file /etc/group $ETC/group 0644 0 0"
     while read -r type mode rel extra; do

@@ -69,6 +69,10 @@ export interface Config {
     readonly queue: { readonly size: number; readonly maxWaitMs: number }
     readonly bodyLimitBytes: number
   }
+  readonly preflight: {
+    /** Boot one VM at start and wait for its guest, so that a broken image fails fast. */
+    readonly boot: boolean
+  }
   readonly shutdown: {
     /** How long requests in flight may go on after SIGTERM before their VMs are killed. */
     readonly drainMs: number
@@ -190,6 +194,12 @@ const schema = {
         },
         bodyLimitBytes: { type: 'integer', minimum: 0, default: 10 * 1024 * 1024 },
       },
+    },
+    preflight: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: { boot: { type: 'boolean', default: true } },
     },
     shutdown: {
       type: 'object',

@@ -11,7 +11,7 @@ import { ConfigError } from './errors.js'
 import { buildAdminServer } from './admin.js'
 import { Metrics } from './metrics.js'
 import { buildServer } from './server.js'
-import { preflightBoot, probeHost } from './vm/host.js'
+import { preflightBoot, probeHost, type HostProbe } from './vm/host.js'
 import { prepareSnapshot } from './vm/snapshot.js'
 import { createQemuVmFactory } from './vm/vm.js'
 
@@ -54,10 +54,11 @@ async function main(): Promise<void> {
   const { configFile, overrides } = parseCli(process.argv.slice(2))
   const config = loadConfig(configFile, overrides)
   const log = pino({ level: config.log.level })
-  let host = await preflightBoot(await probeHost(config), log)
+  const preflight = (probe: HostProbe) => (config.preflight.boot ? preflightBoot(probe, log) : probe)
+  let host = await preflight(await probeHost(config))
   if (config.vm.snapshot.enabled) {
     // The preflight then boots a clone: the restore and the reseeding work.
-    host = await preflightBoot({ ...host, snapshot: await prepareSnapshot(host, log) }, log)
+    host = await preflight({ ...host, snapshot: await prepareSnapshot(host, log) })
   }
   const metrics = new Metrics()
   const app = await buildServer(config, { createVm: createQemuVmFactory(host), logger: log, metrics })

@@ -253,6 +253,12 @@ export class QemuVm implements GuestVm {
     this.#expect('ready', 'snapshot')
     const { files, qmpSocket } = this.#mode
     const partial = `${files.statePath}.partial`
+    // A young kernel reseeds its CRNG once its seed is a second old, from the
+    // timing jitter it has seen (crng_has_old_seed in drivers/char/random.c),
+    // so clones of a template saved with an old seed would drift apart by
+    // chance within their first request. Reseeded now, they stay identical
+    // until vmcgi reseeds each one: a single mechanism, which tests can show.
+    await this.#makeUnique(signal)
     const qmp = await Qmp.connect(qmpSocket, signal)
     try {
       await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] })

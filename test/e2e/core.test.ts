@@ -93,7 +93,8 @@ describe('one fresh VM per request', () => {
 describe('a guest that never answers', () => {
   it('gets 504 boot-timeout within the boot timeout, and its VM is killed', async () => {
     const timeoutMs = 3_000
-    const vmcgi = await startVmcgi({ vm: { guestPort: 8081 }, readiness: { timeoutMs } })
+    // Without the preflight boot, which would refuse to start on such a guest.
+    const vmcgi = await startVmcgi({ vm: { guestPort: 8081 }, readiness: { timeoutMs }, preflight: { boot: false } })
     const started = Date.now()
     const res = await request(`${vmcgi.url}/`)
     const elapsed = Date.now() - started

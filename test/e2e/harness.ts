@@ -2,7 +2,7 @@
 // finds the QEMU processes it owns. Every vmcgi started here is stopped, and
 // its VMs checked gone, when the test file ends.
 
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { readFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
@@ -95,13 +95,22 @@ export async function startVmcgi(overrides: Record<string, Section> = {}, image?
       child.kill('SIGTERM')
       await child
       running.delete(vmcgi)
-      // Nothing this vmcgi started may outlive it.
-      for (const pid of orphansBefore) expect(existsSync(`/proc/${pid}`), `qemu ${pid} outlived vmcgi`).toBe(false)
+      // Nothing this vmcgi started may outlive it (a killed process may take a moment to be reaped).
+      const alive = () => orphansBefore.filter((pid) => existsSync(`/proc/${pid}`)).map((pid) => `${pid}: ${processState(pid)}`)
+      await expect.poll(alive, { timeout: 2_000, interval: 50 }).toEqual([])
     })()),
   }
   running.add(vmcgi)
   await listening
   return vmcgi
+}
+
+function processState(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]?.slice(0, 20) ?? 'gone'
+  } catch {
+    return 'gone'
+  }
 }
 
 /** Waits until this vmcgi has no QEMU child left; fails after `ms`. */
