@@ -38,8 +38,10 @@ export interface Config {
     }
   }
   readonly pool: {
-    /** VMs kept booted (or restored and paused) ahead of demand; 0 boots on demand. */
+    /** VMs kept booted (or restored) ahead of demand; 0 boots on demand. */
     readonly size: number
+    /** Requests for readiness.path that a pooled VM answers before it is handed out. */
+    readonly warmUpRequests: number
   }
   readonly admin: {
     /** Listener for /metrics, apart from the proxy; port 0 picks a free one. */
@@ -143,7 +145,10 @@ const schema = {
       type: 'object',
       additionalProperties: false,
       default: {},
-      properties: { size: { type: 'integer', minimum: 0, maximum: 1024, default: 0 } },
+      properties: {
+        size: { type: 'integer', minimum: 0, maximum: 1024, default: 0 },
+        warmUpRequests: { type: 'integer', minimum: 0, maximum: 100, default: 3 },
+      },
     },
     admin: {
       type: 'object',

@@ -30,13 +30,21 @@ export class VmPool {
   #backoff: NodeJS.Timeout | undefined
 
   #onBooted: (vm: GuestVm) => void
+  #warmUp: (vm: GuestVm) => Promise<void>
 
-  /** `onBooted` hears of every VM that boots, for the pool or for a request. */
-  constructor(size: number, createVm: VmFactory, log: FastifyBaseLogger, onBooted: (vm: GuestVm) => void = () => {}) {
+  /**
+   * `onBooted` hears of every VM that boots, for the pool or for a request;
+   * `warmUp` runs on a pooled VM before it is handed out.
+   */
+  constructor(size: number, createVm: VmFactory, log: FastifyBaseLogger, hooks: {
+    onBooted?: (vm: GuestVm) => void
+    warmUp?: (vm: GuestVm) => Promise<void>
+  } = {}) {
     this.#size = size
     this.#createVm = createVm
     this.#log = log
-    this.#onBooted = onBooted
+    this.#onBooted = hooks.onBooted ?? (() => {})
+    this.#warmUp = hooks.warmUp ?? (async () => {})
   }
 
   /** VMs booted and waiting for a request. */
@@ -101,6 +109,8 @@ export class VmPool {
     this.#booting.add(vm)
     try {
       await vm.boot(new AbortController().signal)
+      this.#onBooted(vm)
+      await this.#warmUp(vm)
     } catch (error) {
       await vm.destroy()
       if (this.#closed) return
@@ -117,7 +127,6 @@ export class VmPool {
       await vm.destroy()
       return
     }
-    this.#onBooted(vm)
     this.#ready.push(vm)
     this.#log.info({ vm: vm.id, bootMs: vm.bootMs, pooled: this.#ready.length }, 'warm VM ready')
     // A warm VM that dies while it waits is dropped and replaced.

@@ -13,6 +13,7 @@ import { Metrics } from './metrics.js'
 import { VmPool } from './pool.js'
 import { retryAfterSeconds, toVmcgiError, VmcgiError } from './errors.js'
 import { forwardToVm, guestFailure } from './proxy.js'
+import { warmUp } from './vm/readiness.js'
 import type { GuestVm, VmFactory } from './vm/vm.js'
 
 export interface ServerDeps {
@@ -70,7 +71,16 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     maxWaitMs: config.limits.queue.maxWaitMs,
   })
   const metrics = deps.metrics ?? new Metrics()
-  const pool = new VmPool(config.pool.size, deps.createVm, app.log, (vm) => metrics.observeBoot(vm.bootMs, vm.accelerated))
+  const pool = new VmPool(config.pool.size, deps.createVm, app.log, {
+    onBooted: (vm) => metrics.observeBoot(vm.bootMs, vm.accelerated),
+    warmUp: (vm) => warmUp({
+      host: '127.0.0.1',
+      port: Number(new URL(vm.origin).port),
+      path: config.readiness.path,
+      count: config.pool.warmUpRequests,
+      timeoutMs: config.readiness.attemptTimeoutMs * 10,
+    }),
+  })
   /** VMs serving a request; the pool owns the others. */
   const live = new Set<GuestVm>()
   metrics.watch({ booting: () => pool.booting, pooled: () => pool.ready, serving: () => live.size, queued: () => admission.queued })

@@ -65,3 +65,27 @@ export function waitUntilReady(options: ReadinessOptions): Promise<void> {
     attempt()
   })
 }
+
+/**
+ * Sends `count` requests for `path`, one after another, each read to its end.
+ * Under emulation a guest's first requests are slow while QEMU translates the
+ * code they run; a pooled VM takes that cost before its client arrives.
+ */
+export async function warmUp({ host, port, path, count, timeoutMs }: {
+  host: string
+  port: number
+  path: string
+  count: number
+  timeoutMs: number
+}): Promise<void> {
+  for (let i = 0; i < count; i++) {
+    await new Promise<void>((resolve) => {
+      const socket = connect({ host, port })
+      socket.setTimeout(timeoutMs, () => socket.destroy())
+      socket.once('connect', () => socket.end(`GET ${path} HTTP/1.0\r\nHost: ${host}:${port}\r\n\r\n`))
+      socket.on('data', () => {})
+      socket.on('error', () => {})
+      socket.once('close', () => resolve())
+    })
+  }
+}

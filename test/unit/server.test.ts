@@ -22,7 +22,7 @@ async function start(behaviour: BootBehaviour, guest: RequestListener = echoGues
   const app = await buildServer(fakeConfig(config), { createVm, logger: pino({ level: 'silent' }) })
   onTestFinished(() => app.close())
   const address = await app.listen({ host: '127.0.0.1', port: 0 })
-  return { address, vms }
+  return { address, vms, app }
 }
 
 describe('buildServer', () => {
@@ -178,8 +178,13 @@ describe('buildServer', () => {
   })
 
   it('serves from a warm pool with no wait, and reports it in Server-Timing', async () => {
-    const { address, vms } = await start('ok', echoGuest, { pool: { size: 1 } })
-    await expect.poll(() => vms.filter((vm) => vm.state === 'ready').length).toBe(1)
+    let warmUps = 0
+    const { address, vms, app } = await start('ok', (req, res) => {
+      if (req.url === '/') warmUps++
+      echoGuest(req, res)
+    }, { pool: { size: 1, warmUpRequests: 2 } })
+    await expect.poll(() => app.pool.ready).toBe(1)
+    expect(warmUps).toBe(2)
     const res = await request(`${address}/`)
     expect(res.statusCode).toBe(200)
     expect(res.headers['vmcgi-vm-id']).toBe(vms[0]!.id)
