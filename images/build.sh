@@ -167,6 +167,8 @@ need_cmd gzip gzip
 need_cmd xz xz-utils
 need_cmd flock util-linux
 need_cmd perl perl
+# The x86_64 bzImage is lz4-compressed (see kernel-x86_64.config).
+[ "$ARCH" != x86_64 ] || need_cmd lz4 lz4
 if [ -n "$KSRC_PKG" ] && [ ! -f "$KSRC_TARBALL" ]; then
     missing+=("$KSRC_PKG")
 fi
