@@ -143,7 +143,7 @@ describe('admission', () => {
     expect(refused.headers['retry-after']).toBe('1')
     expect((await queuedTooLong).vmcgiStatus).toBe('overloaded')
     expect((await first).status).toBe(200)
-    expect(await vmcgi.qemuChildren()).toHaveLength(0)
+    await expectNoVms(vmcgi)
     await vmcgi.stop()
   })
 })

@@ -6,6 +6,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { readFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { execa, type ResultPromise } from 'execa'
 import getPort from 'get-port'
 import { afterAll, expect } from 'vitest'
@@ -96,8 +97,10 @@ export async function startVmcgi(overrides: Record<string, Section> = {}, image?
       await child
       running.delete(vmcgi)
       // Nothing this vmcgi started may outlive it (a killed process may take a moment to be reaped).
+      // expect.poll is for tests only, and this also runs in afterAll.
       const alive = () => orphansBefore.filter((pid) => existsSync(`/proc/${pid}`)).map((pid) => `${pid}: ${processState(pid)}`)
-      await expect.poll(alive, { timeout: 2_000, interval: 50 }).toEqual([])
+      for (let waited = 0; waited < 2_000 && alive().length; waited += 50) await sleep(50)
+      expect(alive()).toEqual([])
     })()),
   }
   running.add(vmcgi)
