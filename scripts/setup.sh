@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 
 step() { printf '==> %s\n' "$*"; }
 
-# qemu-system-arm ships qemu-system-aarch64; without recommends it skips ~258 MiB
-# of UEFI firmware that a -kernel boot does not need. procps gives pgrep (tests),
+# qemu-system-arm ships qemu-system-aarch64 (qemu-system-x86 the x86_64 guest's
+# emulator); without recommends they skip UEFI firmware that a -kernel boot does
+# not need. procps gives pgrep (tests),
 # util-linux gives setpriv (QEMU dies with vmcgi).
-packages=(qemu-system-arm procps util-linux)
+packages=(qemu-system-arm qemu-system-x86 procps util-linux)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
@@ -38,3 +39,6 @@ npm run --silent images
 
 step 'building the test guest image (the same kernel, images/test-site)'
 npm run --silent images -- --site images/test-site --out images/out/test-site
+
+step 'building the x86_64 guest image'
+npm run --silent images -- --arch x86_64
