@@ -26,6 +26,7 @@ SITE="$IMAGES_DIR/site"
 OUT=""
 CACHE="$IMAGES_DIR/out/cache"
 KERNEL_SOURCE=${KERNEL_SOURCE:-}
+KERNEL_ONLY=0
 # Applets the init script and the CGI scripts rely on; the build fails if
 # the busybox binary does not provide one of them.
 REQUIRED_APPLETS="sh mount ip httpd echo cat head sleep poweroff env sort printf tr od hexdump sed grep cut ls nc wget kill true test"
@@ -55,7 +56,7 @@ on_err() {
 trap 'on_err $LINENO' ERR
 
 usage() {
-    echo "usage: bash images/build.sh [--arch aarch64|x86_64] [--site DIR] [--out DIR] [--kernel-source linux-source-X.Y|TARBALL]" >&2
+    echo "usage: bash images/build.sh [--arch aarch64|x86_64] [--site DIR] [--out DIR] [--kernel-source linux-source-X.Y|TARBALL] [--kernel-only]" >&2
     exit 2
 }
 
@@ -69,6 +70,7 @@ while [ $# -gt 0 ]; do
         --site=*) SITE="${1#--site=}"; shift ;;
         --out) [ $# -ge 2 ] || usage; OUT="$2"; shift 2 ;;
         --out=*) OUT="${1#--out=}"; shift ;;
+        --kernel-only) KERNEL_ONLY=1; shift ;;
         -h|--help) usage ;;
         *) echo "images: unknown argument: $1" >&2; usage ;;
     esac
@@ -276,8 +278,10 @@ KERNEL_KEY=$(
     } | sha256sum | cut -d' ' -f1
 )
 
-[ -d "$SITE" ] || fail "site directory not found: $SITE"
-[ -f "$IMAGES_DIR/init" ] || fail "missing $IMAGES_DIR/init"
+if [ "$KERNEL_ONLY" = 0 ]; then
+    [ -d "$SITE" ] || fail "site directory not found: $SITE"
+    [ -f "$IMAGES_DIR/init" ] || fail "missing $IMAGES_DIR/init"
+fi
 
 # Lists the site as "type mode path [sha256|target]" lines, sorted.
 site_manifest() {
@@ -301,21 +305,6 @@ site_manifest() {
         done
     )
 }
-SITE_MANIFEST=$(site_manifest)
-
-INITRAMFS_KEY=$(
-    {
-        echo "initramfs-key-v2"
-        echo "busybox: $DEB_ARCH $BB_VERSION"
-        echo "linux-source: $KSRC_VERSION"
-        sha256sum "$IMAGES_DIR/build.sh" | cut -d' ' -f1
-        sha256sum "$IMAGES_DIR/init" | cut -d' ' -f1
-        sha256sum "$IMAGES_DIR/agent.c" | cut -d' ' -f1
-        echo "gcc: ${CROSS}gcc $GCC_VERSION"
-        echo "$SITE_MANIFEST"
-    } | sha256sum | cut -d' ' -f1
-)
-
 key_matches() { # output keyfile key
     [ -f "$1" ] && [ -f "$2" ] && [ "$(cat "$2")" = "$3" ]
 }
@@ -409,6 +398,26 @@ else
 fi
 
 # ---------------------------------------------------------------- initramfs
+if [ "$KERNEL_ONLY" = 1 ]; then
+    echo "==> done: $OUT/Image"
+    exit 0
+fi
+
+SITE_MANIFEST=$(site_manifest)
+
+INITRAMFS_KEY=$(
+    {
+        echo "initramfs-key-v2"
+        echo "busybox: $DEB_ARCH $BB_VERSION"
+        echo "linux-source: $KSRC_VERSION"
+        sha256sum "$IMAGES_DIR/build.sh" | cut -d' ' -f1
+        sha256sum "$IMAGES_DIR/init" | cut -d' ' -f1
+        sha256sum "$IMAGES_DIR/agent.c" | cut -d' ' -f1
+        echo "gcc: ${CROSS}gcc $GCC_VERSION"
+        echo "$SITE_MANIFEST"
+    } | sha256sum | cut -d' ' -f1
+)
+
 if key_matches "$OUT/initramfs.cpio.gz" "$OUT/initramfs.cpio.gz.key" "$INITRAMFS_KEY"; then
     echo "==> initramfs: up to date"
     exit 0
