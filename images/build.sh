@@ -253,13 +253,21 @@ BB_DEB=$(bb_deb)
 [ -n "$BB_DEB" ] || fail "$BB_PKG download produced no .deb"
 BB_VERSION=$(dpkg-deb -f "$BB_DEB" Version)
 BB_ROOT="$BB_DIR/root-$DEB_ARCH-${BB_VERSION//[^A-Za-z0-9.+~-]/_}"
-if [ ! -x "$BB_ROOT/bin/busybox" ]; then
+# Debian 12 ships it as /bin/busybox, Debian 13 (merged /usr) as /usr/bin/busybox.
+bb_binary() {
+    local p
+    for p in bin/busybox usr/bin/busybox; do
+        [ -x "$BB_ROOT/$p" ] && { echo "$BB_ROOT/$p"; return; }
+    done
+    return 0
+}
+if [ -z "$(bb_binary)" ]; then
     rm -rf "$BB_ROOT" "$BB_ROOT.tmp"
     dpkg -x "$BB_DEB" "$BB_ROOT.tmp"
     mv "$BB_ROOT.tmp" "$BB_ROOT"
 fi
-BUSYBOX="$BB_ROOT/bin/busybox"
-[ -x "$BUSYBOX" ] || fail "$BB_DEB has no bin/busybox"
+BUSYBOX=$(bb_binary)
+[ -n "$BUSYBOX" ] || fail "$BB_DEB has no bin/busybox or usr/bin/busybox"
 
 # ---------------------------------------------------------------- keys
 KSRC_VERSION=""
@@ -431,12 +439,12 @@ if [ ! -x "$GEN_INIT_CPIO" ]; then
     mv "$GEN_INIT_CPIO.tmp" "$GEN_INIT_CPIO"
 fi
 
-# busybox --list cannot run on the build host, so read the applet names from
-# the binary: busybox keeps them as one sorted, NUL-separated table that
-# starts with "[" and "[[".
+# busybox --list need not run on the build host, so read the applet names
+# from the binary: busybox keeps them as one sorted, NUL-separated table that
+# starts with "[" and "[[". (In 1.37 the byte before "[" is not a NUL.)
 # (awk reads to the end so that tr never gets SIGPIPE.)
 APPLETS=$(tr '\0' '\n' <"$BUSYBOX" | awk '
-    state == 0 && prev == "[" && $0 == "[[" { state = 1; print "["; print "[["; next }
+    state == 0 && prev ~ /\[$/ && $0 == "[[" { state = 1; print "["; print "[["; next }
     state == 1 {
         if ($0 == "" || $0 !~ /^[a-z0-9_.-]+$/) state = 2
         else print
