@@ -110,6 +110,7 @@ async function baselineOnce(): Promise<number> {
 
 interface Vmcgi {
   url: string
+  adminUrl: string
   child: ChildProcess
   lines: string[]
   stop: () => Promise<void>
@@ -122,22 +123,28 @@ async function startVmcgi(overrides: Record<string, Record<string, unknown>>, di
     ...rawConfig,
     ...overrides,
     log: { level: 'info' },
-    admin: { enabled: false },
+    admin: { port: 0 },
     limits: { maxVms: 8, queue: { size: 64, maxWaitMs: 60_000 } },
     vm: { ...rawConfig.vm, kernel: config.vm.kernel, initrd: config.vm.initrd, ...overrides.vm },
   }))
   const child = spawn('node', [join(repo, 'dist/main.js'), '--config', file, '--port', String(port)], { stdio: ['ignore', 'pipe', 'inherit'] })
   const lines: string[] = []
   const exited = new Promise<void>((done) => child.once('exit', () => done()))
+  let adminUrl = ''
   await new Promise<void>((listening, failed) => {
     child.stdout!.setEncoding('utf8').on('data', (text: string) => {
       lines.push(...text.split('\n').filter(Boolean))
-      if (text.includes('Server listening')) listening()
+      const admin = /"listener":"admin".*Server listening at (http:\/\/[\d.:]+)/.exec(text)
+      if (admin) {
+        adminUrl = admin[1]!
+        listening()
+      }
     })
     void exited.then(() => failed(new Error('vmcgi exited before listening')))
   })
   return {
     url: `http://127.0.0.1:${port}`,
+    adminUrl,
     child,
     lines,
     stop: async () => {
@@ -147,11 +154,13 @@ async function startVmcgi(overrides: Record<string, Record<string, unknown>>, di
   }
 }
 
+/** Waits until the pool is full again, as /metrics says. */
 async function waitForPool(vmcgi: Vmcgi, size: number): Promise<void> {
   const end = performance.now() + 30_000
   while (performance.now() < end) {
-    const last = vmcgi.lines.filter((line) => line.includes('"warm VM ready"')).at(-1)
-    if (last && JSON.parse(last).pooled >= size) return
+    const res = await request(`${vmcgi.adminUrl}/metrics`, { dispatcher })
+    const pooled = Number(/^vmcgi_vms\{state="pooled"\} (\d+)/m.exec(await res.body.text())?.[1] ?? 0)
+    if (pooled >= size) return
     await sleep(20)
   }
   throw new Error('the pool did not fill within 30 s')
@@ -165,20 +174,25 @@ async function vmcgiOnce(vmcgi: Vmcgi): Promise<number> {
 }
 
 /** Closed-loop load: `concurrency` clients, each sending its next request when the last is answered. */
-async function throughput(vmcgi: Vmcgi, concurrency: number): Promise<{ rps: number; ok: number; failed: number; cpuPerVm: number }> {
+async function throughput(vmcgi: Vmcgi, concurrency: number): Promise<{ rps: number; ok: number; failed: number; cpuPerVm: number; why: string[] }> {
   const before = cpuSeconds(vmcgi.child.pid!)
   const end = performance.now() + throughputSeconds * 1000
   let ok = 0
   let failed = 0
+  const why: string[] = []
   const started = performance.now()
   await Promise.all(Array.from({ length: concurrency }, async () => {
     while (performance.now() < end) {
       try {
         const answer = await get(`${vmcgi.url}/`)
         if (answer.status === 200) ok++
-        else failed++
-      } catch {
+        else {
+          failed++
+          why.push(`${answer.status} ${answer.vmcgiStatus}`)
+        }
+      } catch (error) {
         failed++
+        why.push(String((error as Error).message))
       }
     }
   }))
@@ -186,7 +200,7 @@ async function throughput(vmcgi: Vmcgi, concurrency: number): Promise<{ rps: num
   await sleep(1_500) // let the last VMs be reaped, so their CPU time is counted
   const after = cpuSeconds(vmcgi.child.pid!)
   const cpu = after.self - before.self + after.children - before.children
-  return { rps: ok / seconds, ok, failed, cpuPerVm: ok ? cpu / ok : Number.NaN }
+  return { rps: ok / seconds, ok, failed, cpuPerVm: ok ? cpu / ok : Number.NaN, why }
 }
 
 // ---------------------------------------------------------------- the run
@@ -255,6 +269,7 @@ async function main(): Promise<void> {
           const point = await throughput(vmcgi, concurrency)
           result.rps[concurrency] = point.rps
           result.failures += point.failed
+          if (point.why.length) log(`${mode.name} c=${concurrency} failures: ${[...new Set(point.why)].join('; ')}`)
           if (concurrency === 4) result.cpuPerVm = point.cpuPerVm
         }
         results.push(result)
