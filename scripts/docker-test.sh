@@ -66,8 +66,12 @@ cleanup() {
 trap cleanup EXIT
 
 # ---------------------------------------------------------------- tools
+# A docker client alone is not enough: the engine (dockerd) and Debian 12's
+# client, whose BuildKit needs no buildx plugin, both come with docker.io.
 missing=()
-command -v docker >/dev/null 2>&1 || missing+=(docker.io)
+if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; then
+    missing+=(docker.io)
+fi
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
