@@ -292,7 +292,7 @@ export class QemuVm implements GuestVm {
 
   /**
    * Clones of one template share its RNG state and clock. Before a clone sees
-   * a request, the guest's agent (images/init) takes fresh entropy from here,
+   * a request, the guest's agent (images/agent.c) takes fresh entropy from here,
    * reseeds its kernel's CRNG, sets the clock, and says so on the console.
    */
   async #makeUnique(signal: AbortSignal): Promise<void> {
