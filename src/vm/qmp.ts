@@ -16,15 +16,18 @@ export class Qmp {
   #buffer = ''
   #closed = false
 
-  private constructor(socket: Socket) {
+  #signal: AbortSignal
+  #onAbort = () => this.#fail(this.#signal.reason as Error)
+
+  /** Every wait on this connection ends when `signal` aborts, with its reason. */
+  private constructor(socket: Socket, signal: AbortSignal) {
     this.#socket = socket
+    this.#signal = signal
     socket.setEncoding('utf8')
     socket.on('data', (text: string) => this.#receive(text))
     socket.on('error', () => {})
-    socket.on('close', () => {
-      this.#closed = true
-      for (const pending of this.#pending.splice(0)) pending.reject(new VmcgiError('VM_EXITED', 'QMP connection closed'))
-    })
+    socket.on('close', () => this.#fail(new VmcgiError('VM_EXITED', 'QMP connection closed')))
+    signal.addEventListener('abort', this.#onAbort, { once: true })
   }
 
   /** Connects once QEMU has made its socket, then leaves capabilities negotiation. */
@@ -37,10 +40,15 @@ export class Qmp {
         attempt.once('error', () => resolve(undefined))
       })
       if (socket) {
-        const qmp = new Qmp(socket)
-        // The greeting comes first, unasked; it is the answer to nothing.
-        await qmp.#next()
-        await qmp.execute('qmp_capabilities')
+        const qmp = new Qmp(socket, signal)
+        try {
+          // The greeting comes first, unasked; it is the answer to nothing.
+          await qmp.#next()
+          await qmp.execute('qmp_capabilities')
+        } catch (error) {
+          qmp.close()
+          throw error
+        }
         return qmp
       }
       await sleep(2, undefined, { signal }).catch(() => {})
@@ -55,10 +63,20 @@ export class Qmp {
   }
 
   close(): void {
+    this.#signal.removeEventListener('abort', this.#onAbort)
     this.#socket.destroy()
   }
 
+  /** Rejects every waiting command and closes the connection. */
+  #fail(error: Error): void {
+    this.#closed = true
+    this.#signal.removeEventListener('abort', this.#onAbort)
+    this.#socket.destroy()
+    for (const pending of this.#pending.splice(0)) pending.reject(error)
+  }
+
   #next(): Promise<unknown> {
+    if (this.#signal.aborted) return Promise.reject(this.#signal.reason)
     if (this.#closed) return Promise.reject(new VmcgiError('VM_EXITED', 'QMP connection closed'))
     return new Promise((resolve, reject) => this.#pending.push({ resolve, reject }))
   }

@@ -6,6 +6,13 @@
 // is not refused either; its SYN toward the guest is lost and retried on slow
 // timers. So attempts are short and overlap, a new one starting every interval,
 // and the guest's console line (when seen) starts one at once.
+//
+// A guest that listens can still be slow to answer: its first request runs
+// code that emulation has not translated yet, and a busy host shares its cores
+// among many guests. Attempts that always gave up after attemptTimeoutMs would
+// then never see an answer, so each attempt may last at least half as long as
+// the wait so far, and the attempt the console line starts waits for its
+// answer as long as the caller's signal allows.
 
 import { connect, type Socket } from 'node:net'
 
@@ -45,11 +52,16 @@ export function waitUntilReady(options: ReadinessOptions): Promise<void> {
     }
     const onAbort = () => settle(signal.reason)
 
-    const attempt = () => {
-      if (settled || sockets.size >= maxInFlight) return
+    const started = performance.now()
+    /** One probe; `patient` ones have no time limit of their own and no cap. */
+    const attempt = (patient = false) => {
+      if (settled || (!patient && sockets.size >= maxInFlight)) return
       const socket = connect({ host, port })
       sockets.add(socket)
-      socket.setTimeout(attemptTimeoutMs, () => socket.destroy())
+      if (!patient) {
+        const waitedMs = performance.now() - started
+        socket.setTimeout(Math.max(attemptTimeoutMs, waitedMs / 2), () => socket.destroy())
+      }
       socket.once('connect', () => socket.write(`GET ${path} HTTP/1.0\r\nHost: ${host}:${port}\r\n\r\n`))
       socket.once('data', (chunk: Buffer) => {
         if (chunk.subarray(0, 5).toString('latin1') === 'HTTP/') settle()
@@ -60,8 +72,8 @@ export function waitUntilReady(options: ReadinessOptions): Promise<void> {
     }
 
     signal.addEventListener('abort', onAbort, { once: true })
-    const timer = setInterval(attempt, intervalMs)
-    options.consoleReady?.then(attempt, () => {})
+    const timer = setInterval(() => attempt(), intervalMs)
+    options.consoleReady?.then(() => attempt(true), () => {})
     attempt()
   })
 }

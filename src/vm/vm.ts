@@ -181,7 +181,7 @@ export class QemuVm implements GuestVm {
           const unique = this.#mode.kind === 'clone' && this.#env.config.vm.snapshot.reseed
             ? this.#makeUnique(any).then(() => (phases.reseeded = performance.now() - started))
             : undefined
-          await waitUntilReady({
+          const answered = waitUntilReady({
             host: '127.0.0.1',
             port: this.#port,
             path: readiness.path,
@@ -189,9 +189,10 @@ export class QemuVm implements GuestVm {
             attemptTimeoutMs: readiness.attemptTimeoutMs,
             signal: any,
             consoleReady,
-          })
-          phases.answered = performance.now() - started
-          await unique
+          }).then(() => (phases.answered = performance.now() - started))
+          // Both are awaited together: when `any` aborts, both reject, and
+          // neither rejection may go unhandled.
+          await Promise.all([answered, unique])
           break
         } catch (error) {
           if (signal.aborted) throw signal.reason

@@ -92,6 +92,24 @@ describe('clone mode', () => {
     expect(res.statusCode).toBe(200)
     expect(await res.body.text()).toMatch(/body:\nclone body$/)
   })
+
+  it('kills a clone whose client leaves while it is restored and reseeded, and stays up', async () => {
+    // Leaving at different moments of the clone's boot: during the restore,
+    // the reseed, the readiness probes.
+    for (const delayMs of [30, 120, 250]) {
+      const abort = new AbortController()
+      const pending = request(`${vmcgi.url}/cgi-bin/id`, { signal: abort.signal }).then((res) => res.body.text()).catch(() => 'aborted')
+      await expect.poll(vmcgi.qemuChildren, { interval: 10 }).toHaveLength(1)
+      await new Promise((resolve) => setTimeout(resolve, delayMs))
+      abort.abort()
+      expect(await pending).toBe('aborted')
+      await expectNoVms(vmcgi)
+    }
+    expect(vmcgi.child.exitCode).toBeNull()
+    const answer = await get(vmcgi, '/cgi-bin/id')
+    expect(answer.status).toBe(200)
+    expect(vmcgi.logLines().filter((line) => line.msg === 'closing after an error')).toEqual([])
+  })
 })
 
 describe('clone mode without reseeding', () => {

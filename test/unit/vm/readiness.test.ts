@@ -48,6 +48,22 @@ describe('waitUntilReady', () => {
     expect(connections).toBe(2)
   })
 
+  it('waits as long as it takes for the answer of the probe the console line starts', async () => {
+    // A guest that listens but answers slower than attemptTimeoutMs (a busy
+    // host): short probes alone would give up on every answer.
+    const port = await listen(createHttpServer((_req, res) => setTimeout(() => res.end('ok'), 400)))
+    const waiting = waitUntilReady({ ...options, port, intervalMs: 60_000, signal: AbortSignal.timeout(5_000), consoleReady: Promise.resolve() })
+    await expect(waiting).resolves.toBeUndefined()
+  })
+
+  it('gives later probes longer to answer when there is no console line', async () => {
+    const port = await listen(createHttpServer((_req, res) => setTimeout(() => res.end('ok'), 300)))
+    const started = Date.now()
+    await expect(waitUntilReady({ ...options, port, signal: AbortSignal.timeout(5_000) })).resolves.toBeUndefined()
+    // Probes live max(100 ms, half the wait so far): none lasts 300 ms before about 600 ms.
+    expect(Date.now() - started).toBeGreaterThanOrEqual(500)
+  })
+
   it('rejects with the reason of its signal', async () => {
     const port = await listen(createServer((socket) => socket.resume()))
     const abort = new AbortController()
