@@ -29,6 +29,8 @@ interface RequestState {
   failure: VmcgiError | undefined
   /** Set when a chunked body was read whole, to send it on with a Content-Length. */
   bodyLength?: number
+  /** Set once the request has a VM: turns what went wrong while forwarding into a failure. */
+  explain?: (error: Error & { code?: string }) => VmcgiError
 }
 
 declare module 'fastify' {
@@ -185,10 +187,16 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     void vm.exited.then(() => cut(new VmcgiError('VM_EXITED', 'QEMU exited while the guest answered')))
     const explain = (error: Error & { code?: string }) =>
       ended.signal.aborted ? ended.signal.reason : request.vmcgi.failure ?? guestFailure(error)
+    request.vmcgi.explain = explain
     return forwardToVm(request, reply, vm, { queueMs, waitMs }, explain)
   })
 
-  app.setErrorHandler((error, request, reply) => sendFailure(request, reply, toVmcgiError(error)))
+  // Errors of the guest's response body come here from Fastify's stream
+  // handling unexplained; before its first byte they can still be answered.
+  app.setErrorHandler((error, request, reply) => {
+    const explain = error instanceof VmcgiError ? undefined : request.vmcgi?.explain
+    sendFailure(request, reply, explain ? explain(error) : toVmcgiError(error))
+  })
 
   return app
 }
@@ -220,6 +228,10 @@ function sendFailure(request: FastifyRequest, reply: FastifyReply, failure: Vmcg
     reply.raw.destroy()
     return
   }
+  // Headers put in place for the guest's answer (its body failed before its
+  // first byte) belong to that answer, not to this one.
+  for (const name of reply.raw.getHeaderNames()) reply.raw.removeHeader(name)
+  for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name)
   const retryAfter = retryAfterSeconds[failure.code]
   if (retryAfter !== undefined) reply.header('retry-after', String(retryAfter))
   // The rest of a refused body is not worth reading: close once the answer is out.

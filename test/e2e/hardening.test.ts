@@ -46,6 +46,7 @@ describe('hostile and broken guests', () => {
     ['garbage instead of HTTP', '/cgi-bin/garbage', 502, 'guest-bad-response'],
     ['no answer at all', '/cgi-bin/empty', 502, 'guest-unreachable'],
     ['no headers within timeouts.headersMs', '/cgi-bin/slow?30', 504, 'headers-timeout'],
+    ['headers, then no body within timeouts.bodyIdleMs', '/cgi-bin/stall', 504, 'body-timeout'],
   ])('answers %s with the right status, and kills the VM', async (_what, path, status, reason) => {
     const answer = await fetchAll(vmcgi, path)
     expect(answer.status).toBe(status)
@@ -67,6 +68,14 @@ describe('hostile and broken guests', () => {
     expect(Date.now() - started).toBeLessThan(6_000 + 4_000)
     await expectNoVms(vmcgi)
     await expectHealthy(vmcgi)
+  })
+
+  it('keeps none of the guest\'s headers when its body fails before the first byte', async () => {
+    const answer = await fetchAll(vmcgi, '/cgi-bin/stall')
+    expect(answer.status).toBe(504)
+    expect(answer.headers['set-cookie']).toBeUndefined()
+    expect(answer.headers['vmcgi-vm-id']).toBeUndefined()
+    expect(answer.body).toMatch(/^vmcgi: body-timeout: /)
   })
 
   it('logs why a response was cut', async () => {
