@@ -82,6 +82,8 @@ export interface Config {
 }
 
 const positiveInt = { type: 'integer', minimum: 1 } as const
+/** Node's timers fire at once for delays over 2^31 - 1 ms (about 24.8 days), so no duration may be longer. */
+const positiveMs = { type: 'integer', minimum: 1, maximum: 2 ** 31 - 1 } as const
 const port = { type: 'integer', minimum: 0, maximum: 65535 } as const
 const urlPath = { type: 'string', pattern: '^/' } as const
 
@@ -166,9 +168,9 @@ const schema = {
       default: {},
       properties: {
         path: { ...urlPath, default: '/' },
-        timeoutMs: { ...positiveInt, default: 10000 },
-        intervalMs: { ...positiveInt, default: 20 },
-        attemptTimeoutMs: { ...positiveInt, default: 150 },
+        timeoutMs: { ...positiveMs, default: 10000 },
+        intervalMs: { ...positiveMs, default: 20 },
+        attemptTimeoutMs: { ...positiveMs, default: 150 },
         consoleLine: { type: 'string', default: 'vmcgi: ready' },
       },
     },
@@ -177,9 +179,9 @@ const schema = {
       additionalProperties: false,
       default: {},
       properties: {
-        headersMs: { ...positiveInt, default: 15000 },
-        bodyIdleMs: { ...positiveInt, default: 10000 },
-        requestMs: { ...positiveInt, default: 25000 },
+        headersMs: { ...positiveMs, default: 15000 },
+        bodyIdleMs: { ...positiveMs, default: 10000 },
+        requestMs: { ...positiveMs, default: 25000 },
       },
     },
     limits: {
@@ -194,7 +196,7 @@ const schema = {
           default: {},
           properties: {
             size: { type: 'integer', minimum: 0, maximum: 100000 },
-            maxWaitMs: { ...positiveInt, default: 5000 },
+            maxWaitMs: { ...positiveMs, default: 5000 },
           },
         },
         bodyLimitBytes: { type: 'integer', minimum: 0, default: 10 * 1024 * 1024 },

@@ -195,7 +195,7 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
   // handling unexplained; before its first byte they can still be answered.
   app.setErrorHandler((error, request, reply) => {
     const explain = error instanceof VmcgiError ? undefined : request.vmcgi?.explain
-    sendFailure(request, reply, explain ? explain(error) : toVmcgiError(error))
+    sendFailure(request, reply, explain ? explain(error as Error) : toVmcgiError(error))
   })
 
   return app

@@ -11,7 +11,7 @@ import { createHash } from 'node:crypto'
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
 import type { FastifyBaseLogger } from 'fastify'
-import { VmcgiError } from '../errors.js'
+import { ConfigError } from '../errors.js'
 import type { HostProbe } from './host.js'
 import { QemuVm, type SnapshotFiles } from './vm.js'
 
@@ -38,7 +38,8 @@ export async function prepareSnapshot(host: HostProbe, log: FastifyBaseLogger): 
   const key = snapshotKey(host)
   const dir = join(host.config.vm.snapshot.dir, key)
   const files: SnapshotFiles = { ramPath: join(dir, 'ram'), statePath: join(dir, 'state') }
-  if (existsSync(files.ramPath) && existsSync(files.statePath)) {
+  const complete = () => existsSync(files.ramPath) && existsSync(files.statePath)
+  if (complete()) {
     log.info({ dir }, 'reusing the saved template')
     return files
   }
@@ -46,8 +47,12 @@ export async function prepareSnapshot(host: HostProbe, log: FastifyBaseLogger): 
   // Made in a folder of its own and renamed into place whole, so that a
   // half-made template is never used, even by another vmcgi on the same host.
   const building = `${dir}.${process.pid}.partial`
-  rmSync(building, { recursive: true, force: true })
-  mkdirSync(building, { recursive: true })
+  try {
+    rmSync(building, { recursive: true, force: true })
+    mkdirSync(building, { recursive: true })
+  } catch (error) {
+    throw new ConfigError('vm.snapshot.dir', `cannot make the template there: ${(error as Error).message}`)
+  }
   const partial: SnapshotFiles = { ramPath: join(building, 'ram'), statePath: join(building, 'state') }
   const template = new QemuVm(host, log, { kind: 'template', files: partial, qmpSocket: join(building, 'qmp.sock') })
   try {
@@ -56,12 +61,18 @@ export async function prepareSnapshot(host: HostProbe, log: FastifyBaseLogger): 
     log.info({ dir, bootMs: template.bootMs }, 'saved the template')
   } catch (error) {
     rmSync(building, { recursive: true, force: true })
-    throw new VmcgiError('SPAWN_FAILED', `could not make the template: ${(error as Error).message}`, { cause: error })
+    throw new ConfigError('vm.snapshot', `could not make the template: ${(error as Error).message}`)
   } finally {
     await template.destroy()
   }
   rmSync(join(building, 'qmp.sock'), { force: true })
-  if (existsSync(dir)) rmSync(building, { recursive: true, force: true })
-  else renameSync(building, dir)
+  // Another vmcgi may have finished the same template meanwhile; one that
+  // lost a file (to a cleaner of temporary folders, say) is replaced.
+  if (complete()) {
+    rmSync(building, { recursive: true, force: true })
+  } else {
+    rmSync(dir, { recursive: true, force: true })
+    renameSync(building, dir)
+  }
   return files
 }

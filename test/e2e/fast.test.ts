@@ -2,12 +2,13 @@
 // clones of a saved template. Real CLI, real QEMU, real guest.
 
 import { createHash } from 'node:crypto'
-import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs'
+import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { request } from 'undici'
 import { afterAll, describe, expect, it } from 'vitest'
-import { allQemuProcesses, expectNoVms, startVmcgi, type Vmcgi } from './harness.js'
+import { execa } from 'execa'
+import { allQemuProcesses, expectNoVms, mainJs, startVmcgi, writeConfig, type Vmcgi } from './harness.js'
 
 async function get(vmcgi: Vmcgi, path: string) {
   const res = await request(`${vmcgi.url}${path}`)
@@ -150,5 +151,33 @@ describe('clones with a pool', () => {
     expect(after.length).toBe(before.length + 1)
     expect((await get(vmcgi, '/cgi-bin/id')).status).toBe(200)
     await vmcgi.stop()
+  })
+})
+
+describe('templates that cannot be used', () => {
+  it('makes the template again when one of its files is gone', async () => {
+    const settings = { vm: { snapshot: { enabled: true, dir: snapshotDir } } }
+    const first = await startVmcgi(settings)
+    await first.stop()
+    const [key] = readdirSync(snapshotDir).filter((name) => first.logLines().some((line) => String(line.dir).endsWith(name)))
+    expect(key).toBeTruthy()
+    rmSync(join(snapshotDir, key!, 'state'))
+
+    const second = await startVmcgi(settings)
+    expect(second.logLines().some((line) => line.msg === 'saved the template')).toBe(true)
+    expect(readdirSync(join(snapshotDir, key!)).sort()).toEqual(['ram', 'state'])
+    expect((await get(second, '/cgi-bin/id')).status).toBe(200)
+    await second.stop()
+  })
+
+  it('exits with status 2 naming vm.snapshot.dir when the template cannot be made there', async () => {
+    // A folder inside a file cannot be made, not even by root.
+    const file = join(snapshotDir, 'a-file')
+    writeFileSync(file, '')
+    const config = writeConfig({ vm: { snapshot: { enabled: true, dir: join(file, 'snapshots') } } })
+    const result = await execa('node', [mainJs, '--config', config], { reject: false, timeout: 30_000 })
+    expect(result.exitCode).toBe(2)
+    expect(result.stderr).toMatch(/^vmcgi: config: vm\.snapshot\.dir: cannot make the template there/)
+    expect(await allQemuProcesses()).toEqual([])
   })
 })

@@ -58,6 +58,7 @@ describe('normalizeConfig', () => {
     ['an unknown accelerator', { vm: { accel: 'xen' } }, 'vm.accel'],
     ['a readiness path without a slash', { vm: {}, readiness: { path: 'up' } }, 'readiness.path'],
     ['a missing vm section', {}, 'vm'],
+    ['a timeout longer than a timer can wait', { vm: {}, timeouts: { requestMs: 3_000_000_000 } }, 'timeouts.requestMs'],
   ])('names the field for %s', (_what, raw, field) => {
     const images = fakeImageDir()
     const withFiles = { ...raw }
