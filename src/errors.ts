@@ -17,6 +17,7 @@ export const failures = {
   REQUEST_TIMEOUT: { statusCode: 504, status: 'request-timeout' },
   GUEST_BAD_RESPONSE: { statusCode: 502, status: 'guest-bad-response' },
   CLIENT_GONE: { statusCode: 499, status: 'client-gone' },
+  CLIENT_TIMEOUT: { statusCode: 408, status: 'client-timeout' },
   BAD_REQUEST: { statusCode: 400, status: 'bad-request' },
   INTERNAL: { statusCode: 500, status: 'internal-error' },
 } as const

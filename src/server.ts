@@ -2,6 +2,8 @@
 // failure becomes an HTTP status and a vmcgi-status reason. No listen() here,
 // so that tests can inject() or listen on port 0.
 
+import { METHODS, STATUS_CODES } from 'node:http'
+import type { Socket } from 'node:net'
 import { performance } from 'node:perf_hooks'
 import { Readable } from 'node:stream'
 import replyFrom from '@fastify/reply-from'
@@ -55,7 +57,13 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     requestTimeout: 0,
     // Answered below, with vmcgi-status and Retry-After.
     return503OnClosing: false,
+    clientErrorHandler: answerClientError,
   }) as unknown as FastifyInstance
+  // Every method Node can parse goes to the guest (WebDAV's PROPFIND, say),
+  // except CONNECT: vmcgi is no tunnel.
+  for (const method of METHODS) {
+    if (method !== 'CONNECT' && !app.supportedMethods.includes(method)) app.addHttpMethod(method, { hasBody: true })
+  }
 
   // One Agent for all VMs: each VM is a new origin, and undici (≥ 7.15) drops
   // the origin's pool once its sockets close, which they do when the VM dies.
@@ -108,7 +116,7 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
   app.removeAllContentTypeParsers()
   app.addContentTypeParser('*', (request, payload, done) => {
     if (request.headers['content-length'] !== undefined) return done(null, payload)
-    readUpTo(payload, config.limits.bodyLimitBytes).then((body) => {
+    readUpTo(payload, config.limits.bodyLimitBytes, config.timeouts.requestMs).then((body) => {
       request.vmcgi.bodyLength = body.length
       done(null, Readable.from([body]))
     }, (error: unknown) => done(error as Error))
@@ -193,6 +201,10 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
 
   // Errors of the guest's response body come here from Fastify's stream
   // handling unexplained; before its first byte they can still be answered.
+  app.setNotFoundHandler((_request, _reply) => {
+    throw new VmcgiError('BAD_REQUEST', 'vmcgi serves paths that start with /', { statusCode: 400 })
+  })
+
   app.setErrorHandler((error, request, reply) => {
     const explain = error instanceof VmcgiError ? undefined : request.vmcgi?.explain
     sendFailure(request, reply, explain ? explain(error as Error) : toVmcgiError(error))
@@ -235,7 +247,7 @@ function sendFailure(request: FastifyRequest, reply: FastifyReply, failure: Vmcg
   const retryAfter = retryAfterSeconds[failure.code]
   if (retryAfter !== undefined) reply.header('retry-after', String(retryAfter))
   // The rest of a refused body is not worth reading: close once the answer is out.
-  if (failure.code === 'BODY_TOO_LARGE') reply.header('connection', 'close')
+  if (failure.code === 'BODY_TOO_LARGE' || failure.code === 'CLIENT_TIMEOUT') reply.header('connection', 'close')
   const message = failure.code === 'INTERNAL' ? 'internal error' : failure.message
   reply
     .code(failure.statusCode)
@@ -246,21 +258,52 @@ function sendFailure(request: FastifyRequest, reply: FastifyReply, failure: Vmcg
 
 /**
  * Reads a whole body, failing with BODY_TOO_LARGE once it grows past `limit`
- * bytes. The stream is left paused, not destroyed, so that the 413 still
- * reaches the client; Node closes the connection after it.
+ * bytes, or with CLIENT_TIMEOUT when it takes over `timeoutMs`. The stream is
+ * left paused, not destroyed, so that the answer still reaches the client;
+ * Node closes the connection after it.
  */
-function readUpTo(body: Readable, limit: number): Promise<Buffer> {
+function readUpTo(body: Readable, limit: number, timeoutMs: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = []
     let length = 0
+    const fail = (error: VmcgiError) => {
+      clearTimeout(timer)
+      body.off('data', onData).pause()
+      reject(error)
+    }
+    const timer = setTimeout(() => fail(new VmcgiError('CLIENT_TIMEOUT', `the request body took over ${timeoutMs} ms to arrive`)), timeoutMs)
     const onData = (chunk: Buffer) => {
       length += chunk.length
       if (length <= limit) return void chunks.push(chunk)
-      body.off('data', onData).pause()
-      reject(new VmcgiError('BODY_TOO_LARGE', `the body is over ${limit} bytes`))
+      fail(new VmcgiError('BODY_TOO_LARGE', `the body is over ${limit} bytes`))
     }
     body.on('data', onData)
-    body.once('end', () => resolve(Buffer.concat(chunks)))
-    body.once('error', reject)
+    body.once('end', () => {
+      clearTimeout(timer)
+      resolve(Buffer.concat(chunks))
+    })
+    body.once('error', (error) => {
+      clearTimeout(timer)
+      reject(error)
+    })
   })
+}
+
+/**
+ * Requests Node cannot parse (a broken request line, headers over its limit)
+ * never reach a route; they are answered here, on the socket.
+ */
+function answerClientError(error: Error & { code?: string }, socket: Socket): void {
+  if (!socket.writable) return void socket.destroy()
+  const statusCode = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
+  const body = `vmcgi: bad-request: ${STATUS_CODES[statusCode]}\n`
+  socket.end([
+    `HTTP/1.1 ${statusCode} ${STATUS_CODES[statusCode]}`,
+    'vmcgi-status: bad-request',
+    'content-type: text/plain; charset=utf-8',
+    `content-length: ${Buffer.byteLength(body)}`,
+    'connection: close',
+    '',
+    body,
+  ].join('\r\n'))
 }

@@ -5,6 +5,8 @@ import { buildServer } from '../../src/server.js'
 import { fakeVmFactory, type BootBehaviour } from '../helpers/fake-vm.js'
 import { fakeConfig } from '../helpers/fixtures.js'
 import type { RequestListener } from 'node:http'
+import { createServer } from 'node:http'
+import { connect, type AddressInfo } from 'node:net'
 import { Readable } from 'node:stream'
 
 const echoGuest: RequestListener = (req, res) => {
@@ -14,6 +16,20 @@ const echoGuest: RequestListener = (req, res) => {
     res.setHeader('x-powered-by', 'fake-guest')
     res.setHeader('content-type', 'application/json')
     res.end(JSON.stringify({ method: req.method, url: req.url, headers: req.headers, body: Buffer.concat(chunks).toString() }))
+  })
+}
+
+/** Writes `text` on a fresh connection and returns everything read until the server closes it or 5 s pass. */
+function rawExchange(address: string, text: string): Promise<string> {
+  const { hostname, port } = new URL(address)
+  return new Promise((resolve, reject) => {
+    const socket = connect({ host: hostname, port: Number(port) }, () => socket.write(text))
+    let answer = ''
+    socket.setEncoding('latin1')
+    socket.setTimeout(5_000, () => socket.end())
+    socket.on('data', (chunk: string) => (answer += chunk))
+    socket.on('error', reject)
+    socket.on('close', () => resolve(answer))
   })
 }
 
@@ -140,6 +156,45 @@ describe('buildServer', () => {
     expect(res.headers['vmcgi-status']).toBe('body-too-large')
     await res.body.text()
     expect(vms).toHaveLength(0)
+  })
+
+  it('answers 408 client-timeout when a chunked body does not arrive within timeouts.requestMs', async () => {
+    const { address, vms } = await start('ok', echoGuest, { timeouts: { requestMs: 300 } })
+    const answer = await rawExchange(address, 'POST /cgi-bin/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n')
+    expect(answer).toMatch(/^HTTP\/1\.1 408 /)
+    expect(answer).toMatch(/\r\nvmcgi-status: client-timeout\r\n/)
+    expect(vms).toHaveLength(0)
+  })
+
+  it('forwards methods beyond the usual ones, such as WebDAV\'s PROPFIND', async () => {
+    const { address } = await start('ok')
+    const res = await request(`${address}/dav/`, { method: 'PROPFIND', body: '<propfind/>', headers: { depth: '1' } })
+    expect(res.statusCode).toBe(200)
+    expect(res.headers['vmcgi-status']).toBe('OK')
+    expect(await res.body.json()).toMatchObject({ method: 'PROPFIND', url: '/dav/', body: '<propfind/>' })
+  })
+
+  it('answers 400 bad-request, without a VM, to what it cannot parse, and opens no tunnel', async () => {
+    const { address, vms } = await start('ok')
+    const garbage = await rawExchange(address, 'NOT HTTP AT ALL\r\n\r\n')
+    expect(garbage).toMatch(/^HTTP\/1\.1 400 /)
+    expect(garbage).toMatch(/\r\nvmcgi-status: bad-request\r\n/)
+    const tunnel = await rawExchange(address, 'CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n')
+    // Node hangs up on CONNECT when nothing listens for tunnels: no tunnel, no VM.
+    expect(tunnel).not.toMatch(/^HTTP\/1\.1 2/)
+    expect(vms).toHaveLength(0)
+  })
+
+  it('sends a request in absolute form to the VM, never to the host it names', async () => {
+    let elsewhere = 0
+    const other = createServer((_req, res) => res.end(String(++elsewhere)))
+    await new Promise<void>((resolve) => other.listen(0, '127.0.0.1', resolve))
+    onTestFinished(() => new Promise<void>((resolve) => other.close(() => resolve())))
+    const target = `http://127.0.0.1:${(other.address() as AddressInfo).port}/secret`
+    const { address } = await start('ok')
+    const answer = await rawExchange(address, `GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+    expect(elsewhere).toBe(0)
+    expect(answer).toMatch(/\r\nvmcgi-status: /)
   })
 
   it('answers 503 overloaded with Retry-After when VMs and queue are full', async () => {
