@@ -142,5 +142,11 @@ export function forwardToVm(
       proxyMs: performance.now() - forwarded,
     }),
     onError: (failed, { error }) => failed.send(explain(error)),
+    // A body that fails after the headers can only be cut (src/server.ts);
+    // its reason is kept first, for the log line and the metrics.
+    onResponse: (_request, replying, res) => {
+      res.stream.once('error', (error: Error) => (request.vmcgi.failure ??= explain(error)))
+      replying.send(res.stream)
+    },
   })
 }

@@ -128,7 +128,8 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     // 'close' comes for every response, complete, cut or abandoned: one log line each.
     reply.raw.once('close', () => {
       logRequest(request, reply)
-      metrics.countRequest(String(reply.getHeader('vmcgi-status') ?? request.vmcgi.failure?.status ?? 'none'), reply.statusCode)
+      // A response cut after its headers said OK counts under its failure.
+      metrics.countRequest(String(request.vmcgi.failure?.status ?? reply.getHeader('vmcgi-status') ?? 'none'), reply.statusCode)
     })
     if (closing) {
       reply.header('connection', 'close')

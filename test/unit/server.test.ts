@@ -1,6 +1,7 @@
 import { describe, expect, it, onTestFinished } from 'vitest'
 import pino from 'pino'
 import { request } from 'undici'
+import { Metrics } from '../../src/metrics.js'
 import { buildServer } from '../../src/server.js'
 import { fakeVmFactory, type BootBehaviour } from '../helpers/fake-vm.js'
 import { fakeConfig } from '../helpers/fixtures.js'
@@ -33,9 +34,9 @@ function rawExchange(address: string, text: string): Promise<string> {
   })
 }
 
-async function start(behaviour: BootBehaviour, guest: RequestListener = echoGuest, config = {}) {
+async function start(behaviour: BootBehaviour, guest: RequestListener = echoGuest, config = {}, metrics = new Metrics()) {
   const { createVm, vms } = fakeVmFactory(behaviour, guest)
-  const app = await buildServer(fakeConfig(config), { createVm, logger: pino({ level: 'silent' }) })
+  const app = await buildServer(fakeConfig(config), { createVm, logger: pino({ level: 'silent' }), metrics })
   onTestFinished(() => app.close())
   const address = await app.listen({ host: '127.0.0.1', port: 0 })
   return { address, vms, app }
@@ -221,15 +222,17 @@ describe('buildServer', () => {
     await vms[0]!.ended
   })
 
-  it('cuts a response whose body goes silent, and stops the VM', async () => {
+  it('cuts a response whose body goes silent, stops the VM, and counts it as body-timeout', async () => {
+    const metrics = new Metrics()
     const { address, vms } = await start('ok', (_req, res) => {
       res.writeHead(200, { 'content-length': '100' })
       res.write('partial')
-    }, { timeouts: { bodyIdleMs: 300 } })
+    }, { timeouts: { bodyIdleMs: 300 } }, metrics)
     const res = await request(`${address}/`)
     expect(res.statusCode).toBe(200)
     await expect(res.body.text()).rejects.toThrow()
     await vms[0]!.ended
+    await expect.poll(() => metrics.registry.metrics()).toMatch(/vmcgi_requests_total\{vmcgi_status="body-timeout",code="200"\} 1/)
   })
 
   it('serves from a warm pool with no wait, and reports it in Server-Timing', async () => {
