@@ -66,10 +66,13 @@ cleanup() {
 trap cleanup EXIT
 
 # ---------------------------------------------------------------- tools
-# A docker client alone is not enough: the engine (dockerd) and Debian 12's
-# client, whose BuildKit needs no buildx plugin, both come with docker.io.
+# A docker client alone is not enough when no daemon answers it: the engine
+# (dockerd) and Debian 12's client, whose BuildKit needs no buildx plugin,
+# both come with docker.io.
 missing=()
-if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; then
+if ! command -v docker >/dev/null 2>&1; then
+    missing+=(docker.io)
+elif ! docker info >/dev/null 2>&1 && ! command -v dockerd >/dev/null 2>&1; then
     missing+=(docker.io)
 fi
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)

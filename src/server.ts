@@ -31,8 +31,8 @@ interface RequestState {
   failure: VmcgiError | undefined
   /** Set when a chunked body was read whole, to send it on with a Content-Length. */
   bodyLength?: number
-  /** Set once the request has a VM: turns what went wrong while forwarding into a failure. */
-  explain?: (error: Error & { code?: string }) => VmcgiError
+  /** When timeouts.requestMs runs out for this request (performance.now() time). */
+  deadline: number
 }
 
 declare module 'fastify' {
@@ -116,7 +116,7 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
   app.removeAllContentTypeParsers()
   app.addContentTypeParser('*', (request, payload, done) => {
     if (request.headers['content-length'] !== undefined) return done(null, payload)
-    readUpTo(payload, config.limits.bodyLimitBytes, config.timeouts.requestMs).then((body) => {
+    readUpTo(payload, config.limits.bodyLimitBytes, request.vmcgi.deadline - performance.now()).then((body) => {
       request.vmcgi.bodyLength = body.length
       done(null, Readable.from([body]))
     }, (error: unknown) => done(error as Error))
@@ -124,12 +124,16 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
 
   app.decorateRequest('vmcgi', null as unknown as RequestState)
   app.addHook('onRequest', async (request, reply) => {
-    request.vmcgi = { vm: undefined, failure: undefined }
+    request.vmcgi = { vm: undefined, failure: undefined, deadline: performance.now() + config.timeouts.requestMs }
     // 'close' comes for every response, complete, cut or abandoned: one log line each.
     reply.raw.once('close', () => {
-      logRequest(request, reply)
+      // vmcgi records why before it cuts a response; otherwise the client left.
+      if (!reply.raw.writableFinished) request.vmcgi.failure ??= new VmcgiError('CLIENT_GONE', 'the client went away')
+      const { failure } = request.vmcgi
+      const statusCode = !reply.raw.headersSent && failure ? failure.statusCode : reply.statusCode
+      logRequest(request, reply, statusCode)
       // A response cut after its headers said OK counts under its failure.
-      metrics.countRequest(String(request.vmcgi.failure?.status ?? reply.getHeader('vmcgi-status') ?? 'none'), reply.statusCode)
+      metrics.countRequest(String(failure?.status ?? reply.getHeader('vmcgi-status') ?? 'none'), statusCode)
     })
     if (closing) {
       reply.header('connection', 'close')
@@ -156,7 +160,7 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     const ended = new AbortController()
     const timer = setTimeout(
       () => ended.abort(new VmcgiError('REQUEST_TIMEOUT', `the request took over ${config.timeouts.requestMs} ms`)),
-      config.timeouts.requestMs,
+      Math.max(0, request.vmcgi.deadline - performance.now()),
     )
     reply.raw.once('close', () => {
       clearTimeout(timer)
@@ -196,30 +200,30 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     void vm.exited.then(() => cut(new VmcgiError('VM_EXITED', 'QEMU exited while the guest answered')))
     const explain = (error: Error & { code?: string }) =>
       ended.signal.aborted ? ended.signal.reason : request.vmcgi.failure ?? guestFailure(error)
-    request.vmcgi.explain = explain
     return forwardToVm(request, reply, vm, { queueMs, waitMs }, explain)
   })
 
-  // Errors of the guest's response body come here from Fastify's stream
-  // handling unexplained; before its first byte they can still be answered.
   app.setNotFoundHandler((_request, _reply) => {
     throw new VmcgiError('BAD_REQUEST', 'vmcgi serves paths that start with /', { statusCode: 400 })
   })
 
+  // An error of the guest's response body comes here from Fastify's stream
+  // handling as it is, but its reason was recorded first (src/proxy.ts);
+  // before the body's first byte it can still be answered.
   app.setErrorHandler((error, request, reply) => {
-    const explain = error instanceof VmcgiError ? undefined : request.vmcgi?.explain
-    sendFailure(request, reply, explain ? explain(error as Error) : toVmcgiError(error))
+    const recorded = error instanceof VmcgiError ? undefined : request.vmcgi?.failure
+    sendFailure(request, reply, recorded ?? toVmcgiError(error))
   })
 
   return app
 }
 
-function logRequest(request: FastifyRequest, reply: FastifyReply): void {
+function logRequest(request: FastifyRequest, reply: FastifyReply, statusCode: number): void {
   const { vm, failure } = request.vmcgi
   request.log.info({
     method: request.method,
     url: request.url,
-    statusCode: reply.statusCode,
+    statusCode,
     vmcgiStatus: reply.getHeader('vmcgi-status'),
     complete: reply.raw.writableFinished,
     vm: vm?.id,
@@ -231,7 +235,7 @@ function logRequest(request: FastifyRequest, reply: FastifyReply): void {
 
 /** The one place where a failure becomes an HTTP answer. */
 function sendFailure(request: FastifyRequest, reply: FastifyReply, failure: VmcgiError): void {
-  request.vmcgi ??= { vm: undefined, failure: undefined }
+  request.vmcgi ??= { vm: undefined, failure: undefined, deadline: performance.now() }
   request.vmcgi.failure ??= failure
   const vm = request.vmcgi.vm
   const level = failure.statusCode >= 500 && failure.code !== 'OVERLOADED' ? 'warn' : 'info'
@@ -295,12 +299,16 @@ function readUpTo(body: Readable, limit: number, timeoutMs: number): Promise<Buf
  * never reach a route; they are answered here, on the socket.
  */
 function answerClientError(error: Error & { code?: string }, socket: Socket): void {
-  if (!socket.writable) return void socket.destroy()
+  // Mid-response (a broken request pipelined behind one being answered) there
+  // is no room for an answer: hang up.
+  const answering = (socket as Socket & { _httpMessage?: { headersSent?: boolean } })._httpMessage?.headersSent
+  if (!socket.writable || answering) return void socket.destroy()
   const statusCode = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
-  const body = `vmcgi: bad-request: ${STATUS_CODES[statusCode]}\n`
+  const status = statusCode === 408 ? 'client-timeout' : 'bad-request'
+  const body = `vmcgi: ${status}: ${STATUS_CODES[statusCode]}\n`
   socket.end([
     `HTTP/1.1 ${statusCode} ${STATUS_CODES[statusCode]}`,
-    'vmcgi-status: bad-request',
+    `vmcgi-status: ${status}`,
     'content-type: text/plain; charset=utf-8',
     `content-length: ${Buffer.byteLength(body)}`,
     'connection: close',

@@ -106,6 +106,7 @@ export async function waitForMigration(qmp: Qmp, signal: AbortSignal): Promise<v
     if (status === 'failed' || status === 'cancelled') {
       throw new VmcgiError('SPAWN_FAILED', `migration ${status}${error ? `: ${error}` : ''}`)
     }
-    await sleep(2, undefined, { signal })
+    // The signal's own reason (a boot timeout, say), not the timer's AbortError.
+    await sleep(2, undefined, { signal }).catch(() => signal.throwIfAborted())
   }
 }

@@ -27,8 +27,12 @@ export interface ReadinessOptions {
   consoleReady?: Promise<void>
 }
 
-/** How many attempts may be in flight at once; more only loads slirp. */
-const maxInFlight = 8
+/**
+ * How many attempts younger than attemptTimeoutMs may be in flight at once,
+ * and how many in all (older ones wait longer, see above); more only loads slirp.
+ */
+const maxYoung = 8
+const maxOpen = 32
 
 /**
  * Resolves at the first HTTP answer. Rejects only with the signal's reason:
@@ -38,7 +42,8 @@ export function waitUntilReady(options: ReadinessOptions): Promise<void> {
   const { host, port, path, intervalMs, attemptTimeoutMs, signal } = options
   signal.throwIfAborted()
   return new Promise((resolve, reject) => {
-    const sockets = new Set<Socket>()
+    /** Open probes, and when each started. */
+    const sockets = new Map<Socket, number>()
     let settled = false
 
     const settle = (error?: unknown) => {
@@ -46,22 +51,21 @@ export function waitUntilReady(options: ReadinessOptions): Promise<void> {
       settled = true
       clearInterval(timer)
       signal.removeEventListener('abort', onAbort)
-      for (const socket of sockets) socket.destroy()
+      for (const socket of sockets.keys()) socket.destroy()
       if (error === undefined) resolve()
       else reject(error)
     }
     const onAbort = () => settle(signal.reason)
 
     const started = performance.now()
+    const young = (now: number) => [...sockets.values()].filter((since) => now - since < attemptTimeoutMs).length
     /** One probe; `patient` ones have no time limit of their own and no cap. */
     const attempt = (patient = false) => {
-      if (settled || (!patient && sockets.size >= maxInFlight)) return
+      const now = performance.now()
+      if (settled || (!patient && (sockets.size >= maxOpen || young(now) >= maxYoung))) return
       const socket = connect({ host, port })
-      sockets.add(socket)
-      if (!patient) {
-        const waitedMs = performance.now() - started
-        socket.setTimeout(Math.max(attemptTimeoutMs, waitedMs / 2), () => socket.destroy())
-      }
+      sockets.set(socket, patient ? -Infinity : now)
+      if (!patient) socket.setTimeout(Math.max(attemptTimeoutMs, (now - started) / 2), () => socket.destroy())
       socket.once('connect', () => socket.write(`GET ${path} HTTP/1.0\r\nHost: ${host}:${port}\r\n\r\n`))
       socket.once('data', (chunk: Buffer) => {
         if (chunk.subarray(0, 5).toString('latin1') === 'HTTP/') settle()

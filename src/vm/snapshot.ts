@@ -66,13 +66,18 @@ export async function prepareSnapshot(host: HostProbe, log: FastifyBaseLogger): 
     await template.destroy()
   }
   rmSync(join(building, 'qmp.sock'), { force: true })
-  // Another vmcgi may have finished the same template meanwhile; one that
-  // lost a file (to a cleaner of temporary folders, say) is replaced.
-  if (complete()) {
-    rmSync(building, { recursive: true, force: true })
-  } else {
-    rmSync(dir, { recursive: true, force: true })
+  try {
+    // Another vmcgi may have finished the same template meanwhile, and wins;
+    // one that lost a file (to a cleaner of temporary folders, say) is replaced.
+    if (!complete()) rmSync(dir, { recursive: true, force: true })
     renameSync(building, dir)
+  } catch (error) {
+    const { code } = error as NodeJS.ErrnoException
+    if ((code !== 'ENOTEMPTY' && code !== 'EEXIST') || !complete()) {
+      throw new ConfigError('vm.snapshot.dir', `cannot put the template in place: ${(error as Error).message}`)
+    }
+  } finally {
+    rmSync(building, { recursive: true, force: true })
   }
   return files
 }

@@ -8,7 +8,7 @@ import { join } from 'node:path'
 import { request } from 'undici'
 import { afterAll, describe, expect, it } from 'vitest'
 import { execa } from 'execa'
-import { allQemuProcesses, expectNoVms, mainJs, startVmcgi, writeConfig, type Vmcgi } from './harness.js'
+import { allQemuProcesses, expectNoVms, mainJs, startVmcgi, testImage, writeConfig, type Vmcgi } from './harness.js'
 
 async function get(vmcgi: Vmcgi, path: string) {
   const res = await request(`${vmcgi.url}${path}`)
@@ -93,13 +93,16 @@ describe('clone mode', () => {
     expect(res.statusCode).toBe(200)
     expect(await res.body.text()).toMatch(/body:\nclone body$/)
   })
+})
 
+describe('clone mode, clients that leave', () => {
   it('kills a clone whose client leaves while it is restored and reseeded, and stays up', async () => {
-    // Leaving at different moments of the clone's boot: during the restore,
-    // the reseed, the readiness probes.
-    for (const delayMs of [30, 120, 250]) {
+    // The test guest's slow script keeps the request open whatever the moment
+    // of leaving: during the restore, the reseed, the readiness probes.
+    const vmcgi = await startVmcgi({ vm: { snapshot: { enabled: true, dir: snapshotDir } } }, testImage())
+    for (const delayMs of [0, 30, 120, 250]) {
       const abort = new AbortController()
-      const pending = request(`${vmcgi.url}/cgi-bin/id`, { signal: abort.signal }).then((res) => res.body.text()).catch(() => 'aborted')
+      const pending = request(`${vmcgi.url}/cgi-bin/slow?5`, { signal: abort.signal }).then((res) => res.body.text()).catch(() => 'aborted')
       await expect.poll(vmcgi.qemuChildren, { interval: 10 }).toHaveLength(1)
       await new Promise((resolve) => setTimeout(resolve, delayMs))
       abort.abort()
@@ -107,9 +110,9 @@ describe('clone mode', () => {
       await expectNoVms(vmcgi)
     }
     expect(vmcgi.child.exitCode).toBeNull()
-    const answer = await get(vmcgi, '/cgi-bin/id')
-    expect(answer.status).toBe(200)
+    expect((await get(vmcgi, '/cgi-bin/id')).status).toBe(200)
     expect(vmcgi.logLines().filter((line) => line.msg === 'closing after an error')).toEqual([])
+    await vmcgi.stop()
   })
 })
 

@@ -119,8 +119,9 @@ describe('buildServer', () => {
     await res.body.text()
   })
 
-  it('stops the VM when the client leaves during boot', async () => {
-    const { address, vms } = await start('hang')
+  it('stops the VM when the client leaves during boot, and counts it as client-gone', async () => {
+    const metrics = new Metrics()
+    const { address, vms } = await start('hang', echoGuest, {}, metrics)
     const abort = new AbortController()
     const pending = request(`${address}/`, { signal: abort.signal }).catch((error: Error) => error)
     await expect.poll(() => vms.length).toBe(1)
@@ -128,6 +129,7 @@ describe('buildServer', () => {
     await pending
     await vms[0]!.ended
     expect(vms[0]!.state).toBe('stopped')
+    await expect.poll(() => metrics.registry.metrics()).toMatch(/vmcgi_requests_total\{vmcgi_status="client-gone",code="499"\} 1/)
   })
 
   it('refuses a body over limits.bodyLimitBytes with 413 before any VM boots', async () => {
