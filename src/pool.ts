@@ -115,6 +115,8 @@ export class VmPool {
       await vm.destroy()
       if (this.#closed) return
       this.#log.warn({ err: error, vm: vm.id }, `pool VM failed to boot; retrying in ${refillBackoffMs} ms`)
+      // Several boots may fail together: one backoff for all of them.
+      clearTimeout(this.#backoff)
       this.#backoff = setTimeout(() => {
         this.#backoff = undefined
         this.#refill()

@@ -113,13 +113,24 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
   // parsed or buffered. One without (chunked) is read up to the limit first,
   // because a CGI script needs CONTENT_LENGTH (RFC 3875 §4.1.2) and busybox
   // httpd drops a chunked body.
+  // Each chunked body read may hold limits.bodyLimitBytes of memory, and the
+  // reading comes before admission: no more of them at once than admission
+  // lets requests run or wait.
+  let buffering = 0
+  const maxBuffering = config.limits.maxVms + config.limits.queue.size
   app.removeAllContentTypeParsers()
   app.addContentTypeParser('*', (request, payload, done) => {
     if (request.headers['content-length'] !== undefined) return done(null, payload)
-    readUpTo(payload, config.limits.bodyLimitBytes, request.vmcgi.deadline - performance.now()).then((body) => {
-      request.vmcgi.bodyLength = body.length
-      done(null, Readable.from([body]))
-    }, (error: unknown) => done(error as Error))
+    if (buffering >= maxBuffering) {
+      return done(new VmcgiError('OVERLOADED', `${buffering} chunked request bodies are being read already`))
+    }
+    buffering++
+    readUpTo(payload, config.limits.bodyLimitBytes, request.vmcgi.deadline - performance.now())
+      .finally(() => buffering--)
+      .then((body) => {
+        request.vmcgi.bodyLength = body.length
+        done(null, Readable.from([body]))
+      }, (error: unknown) => done(error as Error))
   })
 
   app.decorateRequest('vmcgi', null as unknown as RequestState)
@@ -252,7 +263,7 @@ function sendFailure(request: FastifyRequest, reply: FastifyReply, failure: Vmcg
   const retryAfter = retryAfterSeconds[failure.code]
   if (retryAfter !== undefined) reply.header('retry-after', String(retryAfter))
   // The rest of a refused body is not worth reading: close once the answer is out.
-  if (failure.code === 'BODY_TOO_LARGE' || failure.code === 'CLIENT_TIMEOUT') reply.header('connection', 'close')
+  if (!request.raw.complete) reply.header('connection', 'close')
   const message = failure.code === 'INTERNAL' ? 'internal error' : failure.message
   reply
     .code(failure.statusCode)

@@ -7,7 +7,7 @@ import { fakeVmFactory, type BootBehaviour } from '../helpers/fake-vm.js'
 import { fakeConfig } from '../helpers/fixtures.js'
 import type { RequestListener } from 'node:http'
 import { createServer } from 'node:http'
-import { connect, type AddressInfo } from 'node:net'
+import { connect, type AddressInfo, type Socket } from 'node:net'
 import { Readable } from 'node:stream'
 
 const echoGuest: RequestListener = (req, res) => {
@@ -166,6 +166,22 @@ describe('buildServer', () => {
     const answer = await rawExchange(address, 'POST /cgi-bin/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n')
     expect(answer).toMatch(/^HTTP\/1\.1 408 /)
     expect(answer).toMatch(/\r\nvmcgi-status: client-timeout\r\n/)
+    expect(vms).toHaveLength(0)
+  })
+
+  it('answers 503 overloaded to a chunked body beyond maxVms + queue.size being read at once', async () => {
+    const { address, vms } = await start('ok', echoGuest, { limits: { maxVms: 1, queue: { size: 1 } } })
+    const { hostname, port } = new URL(address)
+    // Two bodies that never end, being read.
+    const holding = [1, 2].map(() => connect({ host: hostname, port: Number(port) }, function (this: Socket) {
+      this.write('POST /cgi-bin/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n')
+    }).on('error', () => {}))
+    onTestFinished(() => holding.forEach((socket) => socket.destroy()))
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    const third = await rawExchange(address, 'POST /cgi-bin/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n')
+    expect(third).toMatch(/^HTTP\/1\.1 503 /)
+    expect(third).toMatch(/\r\nvmcgi-status: overloaded\r\n/)
+    expect(third).toMatch(/\r\nconnection: close\r\n/i)
     expect(vms).toHaveLength(0)
   })
 
