@@ -14,6 +14,7 @@
 // the wait so far, and the attempt the console line starts waits for its
 // answer as long as the caller's signal allows.
 
+import { readFileSync, readdirSync, readlinkSync } from 'node:fs'
 import { connect, type Socket } from 'node:net'
 
 export interface ReadinessOptions {
@@ -104,4 +105,41 @@ export async function warmUp({ host, port, path, count, timeoutMs }: {
       socket.once('close', () => resolve())
     })
   }
+}
+
+/**
+ * Whether process `pid` holds a socket listening on 127.0.0.1:`port`, read
+ * from /proc (Linux); undefined where that cannot be told. Between get-port
+ * finding a port free and QEMU binding it, another process may take it, and
+ * then a probe would reach that process instead of the guest.
+ */
+export function listensOn(pid: number, port: number): boolean | undefined {
+  let table: string
+  let fds: string[]
+  try {
+    table = readFileSync(`/proc/${pid}/net/tcp`, 'latin1')
+    fds = readdirSync(`/proc/${pid}/fd`)
+  } catch {
+    return undefined
+  }
+  // Lines: sl local_address rem_address st … inode; 0A is LISTEN. The
+  // address is printed in the host's byte order.
+  const hexPort = port.toString(16).toUpperCase().padStart(4, '0')
+  const locals = [`0100007F:${hexPort}`, `7F000001:${hexPort}`]
+  const inodes = new Set(table.split('\n').slice(1)
+    .map((line) => line.trim().split(/\s+/))
+    .filter((fields) => locals.includes(fields[1]!) && fields[3] === '0A')
+    .map((fields) => `socket:[${fields[9]}]`))
+  if (inodes.size === 0) return false
+  let readable = false
+  for (const fd of fds) {
+    try {
+      const target = readlinkSync(`/proc/${pid}/fd/${fd}`)
+      readable = true
+      if (inodes.has(target)) return true
+    } catch {
+      // closed meanwhile, or not ours to read
+    }
+  }
+  return readable ? false : undefined
 }

@@ -19,7 +19,7 @@ import { VmcgiError } from '../errors.js'
 import type { AccelDecision } from './accel.js'
 import { Qmp, waitForMigration } from './qmp.js'
 import { buildQemuArgs } from './qemu-args.js'
-import { waitUntilReady } from './readiness.js'
+import { listensOn, waitUntilReady } from './readiness.js'
 
 export type VmState = 'created' | 'booting' | 'ready' | 'serving' | 'stopping' | 'stopped'
 
@@ -172,6 +172,7 @@ export class QemuVm implements GuestVm {
         const exit = new AbortController()
         const { consoleReady } = await this.#spawn(exit)
         const any = AbortSignal.any([signal, deadline.signal, exit.signal, this.#stopping.signal])
+        let stolen = false
         try {
           phases.spawned = performance.now() - started
           if (this.#mode.kind === 'clone') await this.#restore(any)
@@ -193,11 +194,18 @@ export class QemuVm implements GuestVm {
           // Both are awaited together: when `any` aborts, both reject, and
           // neither rejection may go unhandled.
           await Promise.all([answered, unique])
+          if (this.#child?.pid !== undefined && listensOn(this.#child.pid, this.#port) === false) {
+            // Another process took the port before QEMU could: its answer does not count.
+            stolen = true
+            this.#child.kill('SIGKILL')
+            await this.#exited
+            throw new VmcgiError('SPAWN_FAILED', `a process other than QEMU answered on port ${this.#port}`)
+          }
           break
         } catch (error) {
           if (signal.aborted) throw signal.reason
           if (this.#stopping.signal.aborted) throw stopped()
-          if (exit.signal.aborted && portTaken.test(this.#stderr.text()) && attempt < spawnAttempts) {
+          if (exit.signal.aborted && (stolen || portTaken.test(this.#stderr.text())) && attempt < spawnAttempts) {
             this.#log.info({ port: this.#port, attempt }, 'host port was taken; retrying with another')
             this.#stderr = new Tail(stderrTailBytes)
             continue

@@ -1,7 +1,8 @@
 import { createServer as createHttpServer } from 'node:http'
 import { createServer, type AddressInfo, type Server } from 'node:net'
 import { describe, expect, it, onTestFinished } from 'vitest'
-import { waitUntilReady } from '../../../src/vm/readiness.js'
+import { execa } from 'execa'
+import { listensOn, waitUntilReady } from '../../../src/vm/readiness.js'
 
 async function listen(server: Server): Promise<number> {
   onTestFinished(() => new Promise<void>((resolve) => server.close(() => resolve())))
@@ -70,5 +71,24 @@ describe('waitUntilReady', () => {
     const waiting = waitUntilReady({ ...options, port, signal: abort.signal })
     abort.abort(new Error('client gone'))
     await expect(waiting).rejects.toThrow('client gone')
+  })
+})
+
+describe('listensOn', () => {
+  it('tells whether a process listens on a port of 127.0.0.1', async () => {
+    const port = await listen(createServer())
+    expect(listensOn(process.pid, port)).toBe(true)
+
+    // Another process's listener on another port is not this process's.
+    const other = execa('node', ['-e', `require('net').createServer().listen(0, '127.0.0.1', function () { console.log(this.address().port) })`], { reject: false })
+    onTestFinished(() => void other.kill())
+    const otherPort = await new Promise<number>((resolve) => other.stdout!.once('data', (chunk: Buffer) => resolve(Number(chunk.toString().trim()))))
+    expect(listensOn(process.pid, otherPort)).toBe(false)
+    expect(listensOn(other.pid!, otherPort)).toBe(true)
+    expect(listensOn(other.pid!, port)).toBe(false)
+  })
+
+  it('cannot tell for a process that does not exist', () => {
+    expect(listensOn(2 ** 22 + 1, 80)).toBeUndefined()
   })
 })
