@@ -4,9 +4,8 @@ import { randomBytes } from 'node:crypto'
 import { execa } from 'execa'
 import { request } from 'undici'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { allQemuProcesses, expectNoVms, mainJs, readGuestFile, startVmcgi, writeConfig, type Vmcgi } from './harness.js'
+import { allQemuProcesses, bootTime, expectGuestPage, expectNoVms, mainJs, startVmcgi, writeConfig, type Vmcgi } from './harness.js'
 
-const bootTime = /^\d+ ms \(hardware acceleration (enabled|disabled)\)$/
 
 describe('one fresh VM per request', () => {
   let vmcgi: Vmcgi
@@ -19,12 +18,7 @@ describe('one fresh VM per request', () => {
   })
 
   it('serves the guest page with vmcgi headers, then kills the VM', async () => {
-    const res = await request(`${vmcgi.url}/`)
-    expect(res.statusCode).toBe(200)
-    expect(res.headers['vmcgi-status']).toBe('OK')
-    expect(res.headers['vmcgi-vm-boot-time']).toMatch(bootTime)
-    expect(await res.body.text()).toBe(await readGuestFile('images/site/index.html'))
-    await expectNoVms(vmcgi)
+    await expectGuestPage(vmcgi)
   })
 
   it('answers HEAD with the headers only', async () => {

@@ -9,6 +9,7 @@ import { join, resolve } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { execa, type ResultPromise } from 'execa'
 import getPort from 'get-port'
+import { request } from 'undici'
 import { afterAll, expect } from 'vitest'
 
 export const repo = resolve(import.meta.dirname, '../..')
@@ -114,6 +115,19 @@ function processState(pid: number): string {
   } catch {
     return 'gone'
   }
+}
+
+/** What vmcgi-vm-boot-time looks like. */
+export const bootTime = /^\d+ ms \(hardware acceleration (enabled|disabled)\)$/
+
+/** GET / answers the default guest's page with vmcgi's headers, and its VM is then killed. */
+export async function expectGuestPage(vmcgi: Vmcgi): Promise<void> {
+  const res = await request(`${vmcgi.url}/`)
+  expect(res.statusCode).toBe(200)
+  expect(res.headers['vmcgi-status']).toBe('OK')
+  expect(res.headers['vmcgi-vm-boot-time']).toMatch(bootTime)
+  expect(await res.body.text()).toBe(await readGuestFile('images/site/index.html'))
+  await expectNoVms(vmcgi)
 }
 
 /** Waits until this vmcgi has no QEMU child left; fails after `ms`. */
