@@ -1,6 +1,7 @@
 // The catalogue of every way a request can fail. Each entry has a stable code,
 // the HTTP status the client gets and the short reason sent as `vmcgi-status`.
-// server.ts turns these into responses in exactly one place.
+// server.ts turns these into responses in one place, sendFailure (and, for
+// requests Node could not parse, which never reach Fastify, answerClientError).
 
 // A failure after the response headers were sent cannot change the status: the
 // connection is cut instead, and the reason goes to the log.

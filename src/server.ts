@@ -314,8 +314,9 @@ function answerClientError(error: Error & { code?: string }, socket: Socket): vo
   // is no room for an answer: hang up.
   const answering = (socket as Socket & { _httpMessage?: { headersSent?: boolean } })._httpMessage?.headersSent
   if (!socket.writable || answering) return void socket.destroy()
-  const statusCode = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400
-  const status = statusCode === 408 ? 'client-timeout' : 'bad-request'
+  const { statusCode, status } = error.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+    ? new VmcgiError('CLIENT_TIMEOUT', 'the request headers did not arrive in time')
+    : new VmcgiError('BAD_REQUEST', 'the request could not be parsed', { statusCode: error.code === 'HPE_HEADER_OVERFLOW' ? 431 : 400 })
   const body = `vmcgi: ${status}: ${STATUS_CODES[statusCode]}\n`
   socket.end([
     `HTTP/1.1 ${statusCode} ${STATUS_CODES[statusCode]}`,
