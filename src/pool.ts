@@ -6,7 +6,7 @@
 import { performance } from 'node:perf_hooks'
 import type { FastifyBaseLogger } from 'fastify'
 import { VmcgiError } from './errors.js'
-import type { GuestVm, VmFactory } from './vm/vm.js'
+import type { GuestVm, VmFactory } from './vm/guest.js'
 
 export interface TakenVm {
   vm: GuestVm
@@ -76,7 +76,7 @@ export class VmPool {
     try {
       await vm.boot(signal)
     } catch (error) {
-      await vm.destroy()
+      await vm.destroy(error as Error)
       throw error
     } finally {
       this.#booting.delete(vm)
@@ -91,7 +91,8 @@ export class VmPool {
     clearTimeout(this.#backoff)
     const all = [...this.#ready, ...this.#booting]
     this.#ready = []
-    await Promise.all(all.map((vm) => vm.destroy()))
+    const reason = new VmcgiError('SHUTTING_DOWN', 'the pool is closing')
+    await Promise.all(all.map((vm) => vm.destroy(reason)))
   }
 
   #refill(): void {
@@ -112,7 +113,7 @@ export class VmPool {
       this.#onBooted(vm)
       await this.#warmUp(vm)
     } catch (error) {
-      await vm.destroy()
+      await vm.destroy(error as Error)
       if (this.#closed) return
       this.#log.warn({ err: error, vm: vm.id }, `pool VM failed to boot; retrying in ${refillBackoffMs} ms`)
       // Several boots may fail together: one backoff for all of them.
@@ -126,7 +127,7 @@ export class VmPool {
       this.#booting.delete(vm)
     }
     if (this.#closed) {
-      await vm.destroy()
+      await vm.destroy(new VmcgiError('SHUTTING_DOWN', 'the pool closed while the VM booted'))
       return
     }
     this.#ready.push(vm)

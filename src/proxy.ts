@@ -5,7 +5,7 @@ import type { IncomingHttpHeaders } from 'node:http'
 import { performance } from 'node:perf_hooks'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { VmcgiError } from './errors.js'
-import type { GuestVm } from './vm/vm.js'
+import type { GuestVm } from './vm/guest.js'
 
 // RFC 9110 §7.6.1: headers that describe one connection, not the message.
 // Expect too: busybox httpd never answers 100 Continue, and the whole body is

@@ -16,7 +16,7 @@ import { VmPool } from './pool.js'
 import { retryAfterSeconds, toVmcgiError, VmcgiError } from './errors.js'
 import { forwardToVm, guestFailure } from './proxy.js'
 import { warmUp } from './vm/readiness.js'
-import type { GuestVm, VmFactory } from './vm/vm.js'
+import type { GuestVm, VmFactory } from './vm/guest.js'
 
 export interface ServerDeps {
   createVm: VmFactory
@@ -97,7 +97,7 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
   app.decorate('admission', admission)
   app.decorate('pool', pool)
   app.decorate('destroyAllVms', async () => {
-    await Promise.all([pool.destroy(), ...[...live].map((vm) => vm.destroy())])
+    await Promise.all([pool.destroy(), ...[...live].map((vm) => vm.destroy(new VmcgiError('SHUTTING_DOWN', 'vmcgi is shutting down')))])
   })
   app.addHook('onReady', async () => pool.start())
   let closing = false

@@ -55,7 +55,7 @@ export async function preflightBoot(host: HostProbe, log: FastifyBaseLogger): Pr
     } catch (error) {
       return { error: error as Error, console: vm.consoleTail() }
     } finally {
-      await vm.destroy()
+      await vm.destroy(new Error('the preflight boot is over'))
     }
   }
   const failed = await attempt(host)

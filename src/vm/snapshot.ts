@@ -63,7 +63,7 @@ export async function prepareSnapshot(host: HostProbe, log: FastifyBaseLogger): 
     rmSync(building, { recursive: true, force: true })
     throw new ConfigError('vm.snapshot', `could not make the template: ${(error as Error).message}`)
   } finally {
-    await template.destroy()
+    await template.destroy(new Error('the template is saved'))
   }
   rmSync(join(building, 'qmp.sock'), { force: true })
   try {

@@ -19,9 +19,9 @@ import { VmcgiError } from '../errors.js'
 import type { AccelDecision } from './accel.js'
 import { Qmp, waitForMigration } from './qmp.js'
 import { buildQemuArgs } from './qemu-args.js'
+import type { GuestVm, VmFactory, VmState } from './guest.js'
 import { listensOn, waitUntilReady } from './readiness.js'
 
-export type VmState = 'created' | 'booting' | 'ready' | 'serving' | 'stopping' | 'stopped'
 
 /** What every VM of one vmcgi process shares: the config and what the host can do. */
 export interface VmEnvironment {
@@ -50,27 +50,6 @@ export type VmMode =
   | { kind: 'template'; files: SnapshotFiles; qmpSocket: string }
   | { kind: 'clone'; files: SnapshotFiles; qmpSocket: string }
 
-/** The face of a VM that the server sees; unit tests put a fake behind it. */
-export interface GuestVm {
-  readonly id: string
-  readonly state: VmState
-  /** http://127.0.0.1:PORT once booted. */
-  readonly origin: string
-  /** Milliseconds from spawning QEMU to the guest's first HTTP answer. */
-  readonly bootMs: number
-  /** The part of bootMs until the QEMU process had started. */
-  readonly spawnMs: number
-  readonly accelerated: boolean
-  boot(signal: AbortSignal): Promise<void>
-  /** Resolves once QEMU has exited, for whatever reason; ask after boot(). */
-  readonly exited: Promise<void>
-  markServing(): void
-  consoleTail(): string
-  close(): Promise<void>
-  destroy(): Promise<void>
-}
-
-export type VmFactory = (log: Logger) => GuestVm
 
 /** QEMU loses a race for a port chosen beforehand with this message; try another port. */
 const portTaken = /could not set up host forwarding rule/
@@ -215,7 +194,7 @@ export class QemuVm implements GuestVm {
       }
     } catch (error) {
       this.#log.warn({ err: error, console: this.consoleTail(), stderr: this.#stderr.text() }, 'VM failed to boot')
-      await this.destroy()
+      await this.destroy(error as Error)
       throw error
     } finally {
       clearTimeout(timer)
@@ -234,7 +213,8 @@ export class QemuVm implements GuestVm {
     return this.#stop('SIGTERM')
   }
 
-  destroy(): Promise<void> {
+  destroy(reason: Error): Promise<void> {
+    if (this.#state !== 'stopped') this.#log.debug({ reason: reason.message }, 'destroying the VM')
     return this.#stop('SIGKILL')
   }
 

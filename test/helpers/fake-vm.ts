@@ -6,7 +6,7 @@ import { createServer, type RequestListener, type Server } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { onTestFinished } from 'vitest'
 import { VmcgiError } from '../../src/errors.js'
-import type { GuestVm, VmFactory, VmState } from '../../src/vm/vm.js'
+import type { GuestVm, VmFactory, VmState } from '../../src/vm/guest.js'
 
 export type BootBehaviour = 'ok' | 'hang' | 'exit'
 
@@ -58,11 +58,19 @@ export class FakeVm implements GuestVm {
     return 'fake console\n'
   }
 
+  /** Why the VM was destroyed; undefined after close(). */
+  destroyedFor: Error | undefined
+
   async close(): Promise<void> {
-    return this.destroy()
+    return this.#end()
   }
 
-  async destroy(): Promise<void> {
+  async destroy(reason: Error): Promise<void> {
+    if (this.state !== 'stopped') this.destroyedFor = reason
+    return this.#end()
+  }
+
+  async #end(): Promise<void> {
     if (this.state === 'stopped') return
     this.state = 'stopped'
     this.#guest?.closeAllConnections()
@@ -74,7 +82,7 @@ export class FakeVm implements GuestVm {
 /** A factory that makes FakeVms and remembers them; each is destroyed when the test ends. */
 export function fakeVmFactory(behaviour: BootBehaviour, handler: RequestListener): { createVm: VmFactory; vms: FakeVm[] } {
   const vms: FakeVm[] = []
-  onTestFinished(() => Promise.all(vms.map((vm) => vm.destroy())).then(() => undefined))
+  onTestFinished(() => Promise.all(vms.map((vm) => vm.destroy(new Error('the test ended')))).then(() => undefined))
   return {
     vms,
     createVm: () => {

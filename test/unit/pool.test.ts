@@ -54,7 +54,7 @@ describe('VmPool', () => {
     const { vmPool, vms } = pool(1)
     vmPool.start()
     await expect.poll(() => vmPool.ready).toBe(1)
-    await vms[0]!.destroy()
+    await vms[0]!.destroy(new Error("killed by the test"))
     await expect.poll(() => vms.length).toBe(2)
     await expect.poll(() => vmPool.ready).toBe(1)
   })
