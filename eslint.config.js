@@ -1,0 +1,18 @@
+// Lint rules for vmcgi: the recommended sets of ESLint and typescript-eslint,
+// with the one exception below. Formatting is not checked.
+
+import js from '@eslint/js'
+import { defineConfig } from 'eslint/config'
+import tseslint from 'typescript-eslint'
+
+export default defineConfig(
+  { ignores: ['dist/', 'build/', 'node_modules/', 'images/out/', 'bench/out/'] },
+  js.configs.recommended,
+  tseslint.configs.recommended,
+  {
+    rules: {
+      // A leading underscore marks a parameter that a callback's signature requires but the body does not use.
+      '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_' }],
+    },
+  },
+)
