@@ -4,7 +4,6 @@
 
 import { parseArgs } from 'node:util'
 import closeWithGrace from 'close-with-grace'
-import type { FastifyInstance } from 'fastify'
 import { pino } from 'pino'
 import { loadConfig, type Overrides } from './config.js'
 import { ConfigError } from './errors.js'
@@ -78,25 +77,11 @@ async function main(): Promise<void> {
   closeWithGrace({ delay: config.shutdown.drainMs + 1_000, logger: { error: (message: unknown) => app.log.error(message) } }, async ({ signal, err }) => {
     if (err) app.log.error({ err }, 'closing after an error')
     else app.log.info({ signal, drainMs: config.shutdown.drainMs }, 'closing: draining requests in flight')
-    await Promise.all([closeGracefully(app, config.shutdown.drainMs), admin?.close()])
+    await Promise.all([app.closeGracefully(config.shutdown.drainMs), admin?.close()])
     app.log.info('closed')
   })
   await app.listen({ host: config.listen.host, port: config.listen.port })
   await admin?.listen({ host: config.admin.host, port: config.admin.port })
-}
-
-/** Stops accepting, lets requests in flight finish for up to `drainMs`, then kills what is left. */
-async function closeGracefully(app: FastifyInstance, drainMs: number): Promise<void> {
-  const force = setTimeout(() => {
-    app.log.warn({ drainMs }, 'drain timeout: killing the VMs still serving')
-    void app.destroyAllVms()
-    app.server.closeAllConnections()
-  }, drainMs)
-  try {
-    await app.close()
-  } finally {
-    clearTimeout(force)
-  }
 }
 
 main().catch((error: unknown) => {

@@ -5,6 +5,8 @@ import type { IncomingHttpHeaders } from 'node:http'
 import { performance } from 'node:perf_hooks'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { VmcgiError } from './errors.js'
+import type { Exchange } from './http/exchange.js'
+import type { Lease } from './lease.js'
 import type { GuestVm } from './vm/guest.js'
 
 // RFC 9110 §7.6.1: headers that describe one connection, not the message.
@@ -114,38 +116,31 @@ export function guestFailure(error: Error & { code?: string }): VmcgiError {
 
 
 /**
- * `explain` turns what went wrong while forwarding into a failure: the request's
- * own reason (timeout, client gone) when there is one, or what the guest did.
+ * Streams the guest's answer back. Whatever goes wrong on the way is for the
+ * exchange to explain: the request's own reason (timeout, client gone) when
+ * there is one, or what the guest did.
  */
-export function forwardToVm(
-  request: FastifyRequest,
-  reply: FastifyReply,
-  vm: GuestVm,
-  timing: Omit<RequestTiming, 'proxyMs' | 'spawnMs' | 'bootMs'>,
-  explain: (error: Error & { code?: string }) => VmcgiError,
-): FastifyReply {
+export function forwardToVm(request: FastifyRequest, reply: FastifyReply, exchange: Exchange, lease: Lease): FastifyReply {
+  const { vm } = lease
   vm.markServing()
   const forwarded = performance.now()
   return reply.from(request.url, {
     getUpstream: () => vm.origin,
     // reply-from retries GETs that get a 503 up to ten times: the guest's answer goes back once.
     retryDelay: () => null,
-    rewriteRequestHeaders: (_request, headers) => {
-      const out = toGuestHeaders(headers, { ip: request.ip, proto: request.protocol, host: request.headers.host })
-      if (request.vmcgi.bodyLength !== undefined) out['content-length'] = String(request.vmcgi.bodyLength)
-      return out
-    },
+    rewriteRequestHeaders: (_request, headers) => toGuestHeaders(headers, { ip: request.ip, proto: request.protocol, host: request.headers.host }),
     rewriteHeaders: (headers) => toClientHeaders(headers, vm, {
-      ...timing,
+      queueMs: lease.queueMs,
+      waitMs: lease.waitMs,
       spawnMs: vm.spawnMs,
       bootMs: vm.bootMs - vm.spawnMs,
       proxyMs: performance.now() - forwarded,
     }),
-    onError: (failed, { error }) => failed.send(explain(error)),
-    // A body that fails after the headers can only be cut (src/server.ts);
-    // its reason is kept first, for the log line and the metrics.
+    onError: (failed, { error }) => failed.send(exchange.explain(error)),
+    // A body that fails after the headers can only be cut; its reason is
+    // recorded first, for the log line and the metrics.
     onResponse: (_request, replying, res) => {
-      res.stream.once('error', (error: Error) => (request.vmcgi.failure ??= explain(error)))
+      res.stream.once('error', (error: Error) => exchange.explain(error))
       replying.send(res.stream)
     },
   })

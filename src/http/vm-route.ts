@@ -1,0 +1,30 @@
+// The route every request but the health check takes: a lease on a fresh VM,
+// then the request forwarded into it.
+
+import { METHODS } from 'node:http'
+import fp from 'fastify-plugin'
+import { VmcgiError } from '../errors.js'
+import type { VmLeases } from '../lease.js'
+import { forwardToVm } from '../proxy.js'
+
+export interface VmRouteOptions {
+  leases: VmLeases
+  bodyLimitBytes: number
+}
+
+export const vmRoute = fp<VmRouteOptions>(async (app, { leases, bodyLimitBytes }) => {
+  // Every method Node can parse goes to the guest (WebDAV's PROPFIND, say),
+  // except CONNECT: vmcgi is no tunnel.
+  for (const method of METHODS) {
+    if (method !== 'CONNECT' && !app.supportedMethods.includes(method)) app.addHttpMethod(method, { hasBody: true })
+  }
+  app.all('/*', async (request, reply) => {
+    const exchange = request.exchange!
+    if (Number(request.headers['content-length'] ?? 0) > bodyLimitBytes) {
+      throw new VmcgiError('BODY_TOO_LARGE', `the body is over ${bodyLimitBytes} bytes`)
+    }
+    const lease = await leases.take(request.log, exchange.signal)
+    exchange.hold(lease)
+    return forwardToVm(request, reply, exchange, lease)
+  })
+}, { name: 'vmcgi-vm-route', dependencies: ['vmcgi-exchange'] })
