@@ -7,11 +7,10 @@
 // destroy() (SIGKILL now). Both are idempotent and both wait until QEMU is reaped.
 
 import { randomBytes } from 'node:crypto'
-import { closeSync, mkdtempSync, openSync, renameSync, rmSync } from 'node:fs'
+import { mkdtempSync, openSync, renameSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { performance } from 'node:perf_hooks'
-import { execa, type ResultPromise } from 'execa'
 import getPort from 'get-port'
 import type { FastifyBaseLogger as Logger } from 'fastify'
 import type { Config } from '../config.js'
@@ -20,7 +19,9 @@ import type { AccelDecision } from './accel.js'
 import { Qmp, waitForMigration } from './qmp.js'
 import { buildQemuArgs } from './qemu-args.js'
 import type { GuestVm, VmFactory, VmState } from './guest.js'
+import { QemuProcess } from './qemu-process.js'
 import { listensOn, waitUntilReady } from './readiness.js'
+import { Tail } from './tail.js'
 
 
 /** What every VM of one vmcgi process shares: the config and what the host can do. */
@@ -54,7 +55,6 @@ export type VmMode =
 /** QEMU loses a race for a port chosen beforehand with this message; try another port. */
 const portTaken = /could not set up host forwarding rule/
 const spawnAttempts = 3
-const stderrTailBytes = 4096
 
 export function createQemuVmFactory(env: VmEnvironment): VmFactory {
   return (log) => {
@@ -80,14 +80,12 @@ export class QemuVm implements GuestVm {
   #state: VmState = 'created'
   #env: VmEnvironment
   #log: Logger
-  #child: ResultPromise | undefined
-  #exited: Promise<unknown> = Promise.resolve()
+  /** The current attempt's QEMU; after a port retry, the last one. */
+  #process: QemuProcess | undefined
 
   #port = 0
   #bootMs = 0
-  #spawnMs = 0
   #console: Tail
-  #stderr = new Tail(stderrTailBytes)
   /** Aborted when the VM is stopped, so that a boot in progress ends at once. */
   #stopping = new AbortController()
 
@@ -117,7 +115,7 @@ export class QemuVm implements GuestVm {
   }
 
   get spawnMs(): number {
-    return this.#spawnMs
+    return this.#process?.spawnMs ?? 0
   }
 
   get accelerated(): boolean {
@@ -130,7 +128,7 @@ export class QemuVm implements GuestVm {
 
   /** The current QEMU process's exit (after a port retry, the last one's). */
   get exited(): Promise<void> {
-    return this.#exited.then(() => undefined)
+    return (this.#process?.exited ?? Promise.resolve()).then(() => undefined)
   }
 
   async boot(signal: AbortSignal): Promise<void> {
@@ -148,9 +146,8 @@ export class QemuVm implements GuestVm {
     const phases: Record<string, number> = {}
     try {
       for (let attempt = 1; ; attempt++) {
-        const exit = new AbortController()
-        const { consoleReady } = await this.#spawn(exit)
-        const any = AbortSignal.any([signal, deadline.signal, exit.signal, this.#stopping.signal])
+        const { qemu, consoleReady } = await this.#spawn()
+        const any = AbortSignal.any([signal, deadline.signal, qemu.exitSignal, this.#stopping.signal])
         let stolen = false
         try {
           phases.spawned = performance.now() - started
@@ -173,27 +170,26 @@ export class QemuVm implements GuestVm {
           // Both are awaited together: when `any` aborts, both reject, and
           // neither rejection may go unhandled.
           await Promise.all([answered, unique])
-          if (this.#child?.pid !== undefined && listensOn(this.#child.pid, this.#port) === false) {
+          if (qemu.pid !== undefined && listensOn(qemu.pid, this.#port) === false) {
             // Another process took the port before QEMU could: its answer does not count.
             stolen = true
-            this.#child.kill('SIGKILL')
-            await this.#exited
+            qemu.kill('SIGKILL')
+            await qemu.exited
             throw new VmcgiError('SPAWN_FAILED', `a process other than QEMU answered on port ${this.#port}`)
           }
           break
         } catch (error) {
           if (signal.aborted) throw signal.reason
           if (this.#stopping.signal.aborted) throw stopped()
-          if (exit.signal.aborted && (stolen || portTaken.test(this.#stderr.text())) && attempt < spawnAttempts) {
+          if (qemu.exitSignal.aborted && (stolen || portTaken.test(qemu.stderrTail())) && attempt < spawnAttempts) {
             this.#log.info({ port: this.#port, attempt }, 'host port was taken; retrying with another')
-            this.#stderr = new Tail(stderrTailBytes)
             continue
           }
           throw error
         }
       }
     } catch (error) {
-      this.#log.warn({ err: error, console: this.consoleTail(), stderr: this.#stderr.text() }, 'VM failed to boot')
+      this.#log.warn({ err: error, console: this.consoleTail(), stderr: this.#process?.stderrTail() }, 'VM failed to boot')
       await this.destroy(error as Error)
       throw error
     } finally {
@@ -226,8 +222,8 @@ export class QemuVm implements GuestVm {
     }
     // SIGTERM escalates to SIGKILL after vm.killGraceMs (execa's forceKillAfterDelay);
     // a later destroy() sends SIGKILL at once.
-    this.#child?.kill(signal)
-    await this.#exited
+    this.#process?.kill(signal)
+    await this.#process?.exited
     if (this.#mode.kind === 'clone') rmSync(this.#mode.qmpSocket, { force: true })
     if ((this.#state as VmState) !== 'stopped') this.#enter('stopped')
   }
@@ -288,7 +284,7 @@ export class QemuVm implements GuestVm {
     const nonce = randomBytes(8).toString('hex')
     const seed = randomBytes(32).toString('hex')
     const done = this.#awaitConsole(`vmcgi: reseeded ${nonce}`, signal)
-    this.#child!.stdin!.write(`vmcgi-seed ${seed} ${Math.floor(Date.now() / 1000)} ${nonce}\n`)
+    this.#process!.stdin.write(`vmcgi-seed ${seed} ${Math.floor(Date.now() / 1000)} ${nonce}\n`)
     await done
   }
 
@@ -304,7 +300,7 @@ export class QemuVm implements GuestVm {
   }
 
   /** Starts QEMU on a fresh port. Resolves once spawned, with a promise for the console's ready line. */
-  async #spawn(exit: AbortController): Promise<{ consoleReady: Promise<void> }> {
+  async #spawn(): Promise<{ qemu: QemuProcess; consoleReady: Promise<void> }> {
     const { config, accel, sandbox, deathSignalPrefix } = this.#env
     const mode = this.#mode
     this.#port = await getPort({ host: '127.0.0.1' })
@@ -321,37 +317,18 @@ export class QemuVm implements GuestVm {
       qmpSocket: mode.kind === 'boot' ? undefined : mode.qmpSocket,
       incoming: mode.kind === 'clone',
     })
-    const [file, ...rest] = [...deathSignalPrefix, config.vm.qemu, ...args] as [string, ...string[]]
-    const state = mode.kind === 'clone' ? openSync(mode.files.statePath, 'r') : undefined
-    let child: ResultPromise
-    try {
-      child = execa(file, rest, {
-        // execa passes a number through as an inherited descriptor; its types do not say so.
-        stdio: ['pipe', 'pipe', 'pipe', ...(state === undefined ? [] : [state])] as unknown as ['pipe', 'pipe', 'pipe'],
-        buffer: false,
-        reject: false,
-        cleanup: true,
-        forceKillAfterDelay: Math.max(1, config.vm.killGraceMs),
-      })
-    } finally {
-      // QEMU has its own copy of the descriptor once spawned.
-      if (state !== undefined) closeSync(state)
-    }
-    this.#child = child
-    const spawnStarted = performance.now()
-    child.once('spawn', () => (this.#spawnMs = performance.now() - spawnStarted))
-    this.#exited = child.then((result) => {
-      const detail = { exitCode: result.exitCode, signal: result.signal }
-      this.#log.debug(detail, 'QEMU exited')
-      const message = result.failed && result.exitCode === undefined && !result.signal
-        ? `QEMU could not be started: ${result.shortMessage}`
-        : `QEMU exited (${result.signal ?? `status ${result.exitCode}`})`
-      exit.abort(new VmcgiError(result.exitCode === undefined && !result.signal ? 'SPAWN_FAILED' : 'VM_EXITED', message))
+    const qemu = new QemuProcess({
+      argv: [...deathSignalPrefix, config.vm.qemu, ...args] as [string, ...string[]],
+      killGraceMs: config.vm.killGraceMs,
+      inherit: mode.kind === 'clone' ? [openSync(mode.files.statePath, 'r')] : [],
+      log: this.#log.child({ port: this.#port }),
     })
+    this.#process = qemu
+    const spawnStarted = performance.now()
 
     const readyLine = config.readiness.consoleLine
     const consoleReady = new Promise<void>((resolve) => {
-      child.stdout!.on('data', (chunk: Buffer) => {
+      qemu.stdout.on('data', (chunk: Buffer) => {
         this.#console.push(chunk)
         const text = this.#console.text()
         if (readyLine && text.includes(readyLine) && this.#consoleReadyMs === undefined) {
@@ -364,9 +341,7 @@ export class QemuVm implements GuestVm {
         }
       })
     })
-    child.stderr!.on('data', (chunk: Buffer) => this.#stderr.push(chunk))
-    this.#log.debug({ port: this.#port, argv: [file, ...rest] }, 'QEMU spawned')
-    return { consoleReady }
+    return { qemu, consoleReady }
   }
 
   #expect(state: VmState, operation: string): void {
@@ -383,23 +358,4 @@ export class QemuVm implements GuestVm {
 
 function roundAll(values: Record<string, number>): Record<string, number> {
   return Object.fromEntries(Object.entries(values).map(([key, value]) => [key, Math.round(value)]))
-}
-
-/** The last `max` bytes of a stream, for the console and stderr. */
-class Tail {
-  #max: number
-  #buffer = Buffer.alloc(0)
-
-  constructor(max: number) {
-    this.#max = max
-  }
-
-  push(chunk: Buffer): void {
-    const joined = Buffer.concat([this.#buffer, chunk])
-    this.#buffer = joined.length > this.#max ? joined.subarray(joined.length - this.#max) : joined
-  }
-
-  text(): string {
-    return this.#buffer.toString('utf8')
-  }
 }
