@@ -53,6 +53,11 @@ export class Exchange {
     return this.#lease
   }
 
+  /** Whether the response can still get a status line of its own; if not, a failure can only cut it. */
+  get answerable(): boolean {
+    return !this.#response.headersSent && !this.#response.destroyed
+  }
+
   /**
    * Records `error` as this request's failure, unless one came first, and
    * returns the one that counts. After the headers a failure can only cut

@@ -34,7 +34,8 @@ export function sendFailure(request: FastifyRequest, reply: FastifyReply, error:
   const vm = request.exchange?.lease?.vm
   const level = failure.statusCode >= 500 && failure.code !== 'OVERLOADED' ? 'warn' : 'info'
   request.log[level]({ err: failure, vm: vm?.id, console: vm?.consoleTail() || undefined }, failure.message)
-  if (reply.sent || reply.raw.headersSent || reply.raw.destroyed) {
+  const answerable = request.exchange?.answerable ?? (!reply.raw.headersSent && !reply.raw.destroyed)
+  if (reply.sent || !answerable) {
     // Mid-body: nothing honest can be added, so the client sees the stream cut.
     reply.raw.destroy()
     return
