@@ -19,9 +19,9 @@ import type { AccelDecision } from './accel.js'
 import { Qmp, waitForMigration } from './qmp.js'
 import { buildQemuArgs } from './qemu-args.js'
 import type { GuestVm, VmFactory, VmState } from './guest.js'
+import { Console } from './console.js'
 import { QemuProcess } from './qemu-process.js'
 import { listensOn, waitUntilReady } from './readiness.js'
-import { Tail } from './tail.js'
 
 
 /** What every VM of one vmcgi process shares: the config and what the host can do. */
@@ -85,21 +85,17 @@ export class QemuVm implements GuestVm {
 
   #port = 0
   #bootMs = 0
-  #console: Tail
+  /** The current attempt's console. */
+  #console: Console | undefined
   /** Aborted when the VM is stopped, so that a boot in progress ends at once. */
   #stopping = new AbortController()
 
   #mode: VmMode
-  /** When the console's ready line came, after the spawn; for the debug log. */
-  #consoleReadyMs: number | undefined
-  /** Console text awaited by someone, with what to do when it shows. */
-  #consoleWaiters: Array<{ text: string; resolve: () => void }> = []
 
   constructor(env: VmEnvironment, log: Logger, mode: VmMode = { kind: 'boot' }) {
     this.#env = env
     this.#mode = mode
     this.#log = log.child({ vm: this.id })
-    this.#console = new Tail(env.config.vm.consoleTailBytes)
   }
 
   get state(): VmState {
@@ -123,7 +119,7 @@ export class QemuVm implements GuestVm {
   }
 
   consoleTail(): string {
-    return this.#console.text()
+    return this.#console?.text() ?? ''
   }
 
   /** The current QEMU process's exit (after a port retry, the last one's). */
@@ -196,7 +192,7 @@ export class QemuVm implements GuestVm {
       clearTimeout(timer)
     }
     this.#bootMs = Math.round(performance.now() - started)
-    this.#log.debug({ mode: this.#mode.kind, phases: roundAll(phases), consoleReadyMs: this.#consoleReadyMs }, 'VM booted')
+    this.#log.debug({ mode: this.#mode.kind, phases: roundAll(phases), consoleReadyMs: this.#console?.readyMs }, 'VM booted')
     this.#enter('ready')
   }
 
@@ -283,20 +279,9 @@ export class QemuVm implements GuestVm {
   async #makeUnique(signal: AbortSignal): Promise<void> {
     const nonce = randomBytes(8).toString('hex')
     const seed = randomBytes(32).toString('hex')
-    const done = this.#awaitConsole(`vmcgi: reseeded ${nonce}`, signal)
+    const done = this.#console!.waitFor([`vmcgi: reseeded ${nonce}`], signal)
     this.#process!.stdin.write(`vmcgi-seed ${seed} ${Math.floor(Date.now() / 1000)} ${nonce}\n`)
     await done
-  }
-
-  #awaitConsole(text: string, signal: AbortSignal): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const waiter = { text, resolve }
-      this.#consoleWaiters.push(waiter)
-      signal.addEventListener('abort', () => {
-        this.#consoleWaiters = this.#consoleWaiters.filter((other) => other !== waiter)
-        reject(signal.reason)
-      }, { once: true })
-    })
   }
 
   /** Starts QEMU on a fresh port. Resolves once spawned, with a promise for the console's ready line. */
@@ -324,24 +309,8 @@ export class QemuVm implements GuestVm {
       log: this.#log.child({ port: this.#port }),
     })
     this.#process = qemu
-    const spawnStarted = performance.now()
-
-    const readyLine = config.readiness.consoleLine
-    const consoleReady = new Promise<void>((resolve) => {
-      qemu.stdout.on('data', (chunk: Buffer) => {
-        this.#console.push(chunk)
-        const text = this.#console.text()
-        if (readyLine && text.includes(readyLine) && this.#consoleReadyMs === undefined) {
-          this.#consoleReadyMs = Math.round(performance.now() - spawnStarted)
-          resolve()
-        }
-        for (const waiter of this.#consoleWaiters.filter((candidate) => text.includes(candidate.text))) {
-          this.#consoleWaiters = this.#consoleWaiters.filter((other) => other !== waiter)
-          waiter.resolve()
-        }
-      })
-    })
-    return { qemu, consoleReady }
+    this.#console = new Console(qemu.stdout, { tailBytes: config.vm.consoleTailBytes, readyLine: config.readiness.consoleLine })
+    return { qemu, consoleReady: this.#console.ready }
   }
 
   #expect(state: VmState, operation: string): void {

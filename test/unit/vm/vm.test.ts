@@ -102,6 +102,18 @@ describe('QemuVm', () => {
     expect(await (await fetch(vm.origin)).text()).toBe('fake guest\n')
   })
 
+  it('probes at the ready line of the attempt after a port retry, not only at the first attempt\'s', async () => {
+    // Polling is off (one probe at the start, refused): only the second QEMU's
+    // ready line can start the probe that succeeds. The first QEMU printed one too.
+    const { createVm, pids } = setUp('1:ready=0 1:port-taken=100 listen=100 ready=300', {
+      readiness: { intervalMs: 60_000, timeoutMs: 3_000 },
+    })
+    const vm = createVm()
+    await vm.boot(never())
+    expect(pids()).toHaveLength(2)
+    expect(vm.consoleTail()).toBe('vmcgi: ready\n')
+  })
+
   it('gives up after three ports were taken, with VM_EXITED', async () => {
     const { createVm, pids } = setUp('port-taken=0 listen=50')
     const vm = createVm()
