@@ -243,6 +243,8 @@ export function loadConfig(file: string, overrides: Overrides = {}): Config {
   return normalizeConfig(raw, { baseDir: dirname(path), overrides })
 }
 
+type Writable<T> = { -readonly [K in keyof T]: T[K] }
+
 /** Applies defaults and overrides, validates, resolves paths and freezes. */
 export function normalizeConfig(
   raw: unknown,
@@ -253,7 +255,7 @@ export function normalizeConfig(
     host?: HostSize
   },
 ): Config {
-  const candidate = structuredClone(raw) as Record<string, any>
+  const candidate = structuredClone(raw) as Record<string, unknown>
   // Precedence: flag, then environment, then file, then default.
   const fromEnv = new Map<string, string>()
   if (candidate && typeof candidate === 'object' && !Array.isArray(candidate)) {
@@ -271,15 +273,17 @@ export function normalizeConfig(
     const variable = fromEnv.get(error.field)
     throw variable ? new ConfigError(`${variable} (${error.field})`, error.message.slice(error.field.length + 2)) : error
   }
-  const valid = candidate as Record<string, any>
+  // Valid, so shaped as a Config, except for the limits still to be sized for this host.
+  const valid = candidate as unknown as Omit<Config, 'limits'> & { limits: { maxVms?: number; queue: { size?: number } } }
 
-  const vm = valid.vm as Record<'kernel' | 'initrd' | 'qemu', string>
+  const vm = valid.vm as Writable<Config['vm']>
   vm.kernel = readableFile('vm.kernel', resolve(baseDir, vm.kernel))
   vm.initrd = readableFile('vm.initrd', resolve(baseDir, vm.initrd))
   vm.qemu = findExecutable('vm.qemu', vm.qemu, baseDir, env.PATH ?? '')
-  valid.vm.snapshot.dir = resolve(baseDir, valid.vm.snapshot.dir)
-  const limits = valid.limits as { maxVms?: number; queue: { size?: number } }
-  limits.maxVms ??= defaultMaxVms(valid.vm.memoryMiB, host)
+  const snapshot = vm.snapshot as Writable<Config['vm']['snapshot']>
+  snapshot.dir = resolve(baseDir, snapshot.dir)
+  const { limits } = valid
+  limits.maxVms ??= defaultMaxVms(vm.memoryMiB, host)
   limits.queue.size ??= limits.maxVms * 4
   return deepFreeze(valid as Config)
 }
@@ -301,10 +305,11 @@ export const environmentVariables: Record<string, { field: string; parse: (name:
   LOG_LEVEL: { field: 'log.level', parse: asText },
 }
 
-function setField(target: Record<string, any>, field: string, value: unknown): void {
+function setField(target: Record<string, unknown>, field: string, value: unknown): void {
   const [section, key] = field.split('.') as [string, string]
   if (typeof target[section] !== 'object' || target[section] === null) target[section] = {}
-  target[section][key] = value
+  const fields = target[section] as Record<string, unknown>
+  fields[key] = value
 }
 
 export interface HostSize {
