@@ -13,7 +13,8 @@ import { join } from 'node:path'
 import type { FastifyBaseLogger } from 'fastify'
 import { ConfigError } from '../errors.js'
 import type { HostProbe } from './host.js'
-import { QemuVm, type SnapshotFiles } from './vm.js'
+import { templateMode, type SnapshotFiles } from './modes.js'
+import { QemuVm } from './vm.js'
 
 export function snapshotKey(host: HostProbe): string {
   const { vm } = host.config
@@ -54,7 +55,7 @@ export async function prepareSnapshot(host: HostProbe, log: FastifyBaseLogger): 
     throw new ConfigError('vm.snapshot.dir', `cannot make the template there: ${(error as Error).message}`)
   }
   const partial: SnapshotFiles = { ramPath: join(building, 'ram'), statePath: join(building, 'state') }
-  const template = new QemuVm(host, log, { kind: 'template', files: partial, qmpSocket: join(building, 'qmp.sock') })
+  const template = new QemuVm(host, log, templateMode(partial, join(building, 'qmp.sock')))
   try {
     await template.boot(new AbortController().signal)
     await template.saveSnapshot(AbortSignal.timeout(30_000))
@@ -65,7 +66,6 @@ export async function prepareSnapshot(host: HostProbe, log: FastifyBaseLogger): 
   } finally {
     await template.destroy(new Error('the template is saved'))
   }
-  rmSync(join(building, 'qmp.sock'), { force: true })
   try {
     // Another vmcgi may have finished the same template meanwhile, and wins;
     // one that lost a file (to a cleaner of temporary folders, say) is replaced.

@@ -1,71 +1,9 @@
 // QemuVm's boot loop, states and ends, against the real QemuVm and a fake QEMU (test/fixtures/fake-qemu.js).
 
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { fileURLToPath } from 'node:url'
-import { pino } from 'pino'
-import { describe, expect, it, onTestFinished } from 'vitest'
-import type { GuestVm } from '../../../src/vm/guest.js'
-import { createQemuVmFactory, type VmEnvironment } from '../../../src/vm/vm.js'
-import { fakeConfig } from '../../helpers/fixtures.js'
-
-const fakeQemu = fileURLToPath(new URL('../../fixtures/fake-qemu.js', import.meta.url))
-
-interface Setup {
-  env: VmEnvironment
-  /** Log lines, parsed. */
-  lines: Array<Record<string, unknown>>
-  /** The pids of the fake QEMUs started so far, in order. */
-  pids: () => number[]
-  /** A VM made by the real factory; destroyed when the test ends, and every QEMU it started checked gone. */
-  createVm: () => GuestVm
-}
-
-/**
- * A VM environment whose QEMU is the fake, told what to do by `behaviour` (words of -append,
- * see the fixture), with short timeouts unless `overrides` says otherwise.
- */
-function setUp(behaviour: string, overrides: Record<string, Record<string, unknown>> = {}, clone = false): Setup {
-  const dir = mkdtempSync(join(tmpdir(), 'vmcgi-vm-test-'))
-  onTestFinished(() => rmSync(dir, { recursive: true, force: true }))
-  const attempts = join(dir, 'attempts')
-  const config = fakeConfig({
-    ...overrides,
-    vm: { qemu: fakeQemu, append: `attempts=${attempts} ${behaviour}`, killGraceMs: 200, ...overrides.vm },
-    readiness: { timeoutMs: 3_000, intervalMs: 10, attemptTimeoutMs: 100, ...overrides.readiness },
-  })
-  const snapshot = clone ? { ramPath: join(dir, 'ram'), statePath: join(dir, 'state') } : undefined
-  if (snapshot) writeFileSync(snapshot.statePath, 'template device state\n')
-  const env: VmEnvironment = { config, accel: { accel: 'tcg', reason: 'a test' }, sandbox: false, deathSignalPrefix: [], snapshot }
-  const lines: Array<Record<string, unknown>> = []
-  const log = pino({ level: 'debug' }, { write: (line: string) => void lines.push(JSON.parse(line) as Record<string, unknown>) })
-  const pids = () => {
-    try {
-      return readFileSync(attempts, 'utf8').trim().split('\n').filter(Boolean).map(Number)
-    } catch {
-      return []
-    }
-  }
-  const createVm = () => {
-    const vm = createQemuVmFactory(env)(log)
-    onTestFinished(async () => {
-      await vm.destroy(new Error('the test ended'))
-      expect(pids().filter(alive)).toEqual([])
-    })
-    return vm
-  }
-  return { env, lines, pids, createVm }
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch {
-    return false
-  }
-}
+import { describe, expect, it } from 'vitest'
+import { alive, setUp } from './fake-qemu.js'
 
 const never = () => new AbortController().signal
 
@@ -198,7 +136,7 @@ describe('QemuVm', () => {
   })
 
   it('restores a clone over QMP and reseeds it before it serves', async () => {
-    const { createVm, lines } = setUp('listen=0', {}, true)
+    const { createVm, lines } = setUp('listen=0', {}, { clone: true })
     const vm = createVm()
     await vm.boot(never())
     expect(await (await fetch(vm.origin)).text()).toBe('fake guest\n')

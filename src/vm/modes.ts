@@ -1,0 +1,159 @@
+// How a VM comes to life, as values QemuVm calls at each step: a cold boot, the template (saved once), or a clone of it.
+//
+//   boot      QEMU's arguments, nothing more.
+//   template  its RAM in a shared file and QMP; once ready, it is reseeded and
+//             its device state saved (see snapshot.ts for where and when).
+//   clone     the template's RAM file mapped privately, copy-on-write, and QMP;
+//             its device state is restored over QMP, then the guest is reseeded.
+//
+// The template and clone code lives here together: what one saves, the other restores.
+
+import { randomBytes } from 'node:crypto'
+import { mkdtempSync, openSync, renameSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type { FastifyBaseLogger as Logger } from 'fastify'
+import type { Console } from './console.js'
+import type { QemuProcess } from './qemu-process.js'
+import type { QemuArgsInput } from './qemu-args.js'
+import { Qmp, waitForMigration } from './qmp.js'
+
+/** A booted guest saved once: RAM in a file, device state in another. */
+export interface SnapshotFiles {
+  ramPath: string
+  statePath: string
+}
+
+/** One spawn attempt of a VM, as a mode's hooks see it. */
+export interface Attempt {
+  qemu: QemuProcess
+  console: Console
+  log: Logger
+}
+
+export interface StartMode {
+  /** For the log. */
+  readonly name: 'boot' | 'template' | 'clone'
+  /** What this mode adds to QEMU's command line. */
+  readonly args: Pick<QemuArgsInput, 'memoryFile' | 'qmpSocket' | 'incoming'>
+  /** Whether QEMU may run under -sandbox, where this QEMU has it. */
+  readonly sandbox: boolean
+  /** Descriptors QEMU inherits as 3, 4, …, opened anew for every spawn; QemuProcess closes them. */
+  openInherited(): number[]
+  /** Once QEMU is spawned, before its guest is probed. */
+  restore(attempt: Attempt, signal: AbortSignal): Promise<void>
+  /** Runs while the guest is probed, if there is anything to do; the VM is ready once both are done. */
+  reseed(attempt: Attempt, signal: AbortSignal): Promise<void> | undefined
+  /** Saves a ready VM for clones to restore; only the template has it. */
+  save?(attempt: Attempt, signal: AbortSignal): Promise<void>
+  /** Once QEMU is gone: removes what the mode made for it. */
+  release(): void
+}
+
+/** A cold boot. */
+export const bootMode: StartMode = {
+  name: 'boot',
+  args: {},
+  sandbox: true,
+  openInherited: () => [],
+  restore: async () => {},
+  reseed: () => undefined,
+  release: () => {},
+}
+
+/** The template: booted once with its RAM in `files.ramPath`, then saved. */
+export function templateMode(files: SnapshotFiles, qmpSocket: string): StartMode {
+  return {
+    name: 'template',
+    args: { memoryFile: { path: files.ramPath, share: true }, qmpSocket },
+    // The template writes its state through `exec:`, which the sandbox's
+    // spawn=deny forbids. It boots vmcgi's own image and never serves a request.
+    sandbox: false,
+    openInherited: () => [],
+    restore: async () => {},
+    reseed: () => undefined,
+    save: (attempt, signal) => saveTemplate(files, qmpSocket, attempt, signal),
+    release: () => rmSync(qmpSocket, { force: true }),
+  }
+}
+
+/** A clone of the template, restored instead of booted, and reseeded unless `reseed` is false. */
+export function cloneMode(files: SnapshotFiles, { reseed }: { reseed: boolean }): StartMode {
+  const qmpSocket = join(runtimeDir(), `${randomBytes(6).toString('hex')}.qmp`)
+  return {
+    name: 'clone',
+    args: { memoryFile: { path: files.ramPath, share: false }, qmpSocket, incoming: true },
+    sandbox: true,
+    // The device state, on descriptor 3 (restoreClone reads it from there).
+    openInherited: () => [openSync(files.statePath, 'r')],
+    restore: (attempt, signal) => restoreClone(qmpSocket, signal),
+    reseed: reseed ? (attempt, signal) => reseedGuest(attempt, signal) : () => undefined,
+    release: () => rmSync(qmpSocket, { force: true }),
+  }
+}
+
+/** A private folder for this process's QMP sockets. */
+let runtime: string | undefined
+function runtimeDir(): string {
+  runtime ??= mkdtempSync(join(tmpdir(), 'vmcgi-run-'))
+  return runtime
+}
+
+/** The descriptor on which a clone's QEMU reads the template's device state: its first inherited one. */
+const stateFd = 3
+
+/**
+ * Saves a booted template: its RAM is already in the shared file, so only the
+ * device state is written (x-ignore-shared), to a temporary file renamed into
+ * place once complete. The template keeps running; stop it afterwards.
+ */
+async function saveTemplate(files: SnapshotFiles, qmpSocket: string, attempt: Attempt, signal: AbortSignal): Promise<void> {
+  const partial = `${files.statePath}.partial`
+  // A young kernel reseeds its CRNG once its seed is a second old, from the
+  // timing jitter it has seen (crng_has_old_seed in drivers/char/random.c),
+  // so clones of a template saved with an old seed would drift apart by
+  // chance within their first request. Reseeded now, they stay identical
+  // until vmcgi reseeds each one: a single mechanism, which tests can show.
+  await reseedGuest(attempt, signal)
+  const qmp = await Qmp.connect(qmpSocket, signal)
+  try {
+    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] })
+    // Saved while running, so that every clone starts running as soon as it is restored.
+    await qmp.execute('migrate', { uri: `exec:cat > '${partial.replaceAll("'", "'\\''")}'` })
+    await waitForMigration(qmp, signal)
+  } finally {
+    qmp.close()
+  }
+  renameSync(partial, files.statePath)
+}
+
+/**
+ * Hands a clone the template's device state on descriptor 3 and waits until
+ * it is loaded. Its RAM is the template's file, so only device state is in
+ * the stream (x-ignore-shared). The template was saved running, so the clone
+ * runs as soon as it is restored.
+ */
+async function restoreClone(qmpSocket: string, signal: AbortSignal): Promise<void> {
+  const qmp = await Qmp.connect(qmpSocket, signal)
+  try {
+    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] })
+    await qmp.execute('migrate-incoming', { uri: `fd:${stateFd}` })
+    // Console input sent before the UART's state is loaded would be lost.
+    await waitForMigration(qmp, signal)
+  } finally {
+    qmp.close()
+  }
+}
+
+/**
+ * Clones of one template share its RNG state and clock. Before a clone sees
+ * a request, the guest's agent (images/agent.c) takes fresh entropy from here,
+ * reseeds its kernel's CRNG, sets the clock, and says so on the console.
+ */
+async function reseedGuest({ qemu, console }: Attempt, signal: AbortSignal): Promise<void> {
+  const nonce = randomBytes(8).toString('hex')
+  const seed = randomBytes(32).toString('hex')
+  const done = console.waitFor([`vmcgi: reseeded ${nonce}`], signal)
+  qemu.stdin.write(`vmcgi-seed ${seed} ${Math.floor(Date.now() / 1000)} ${nonce}\n`)
+  await done
+}
