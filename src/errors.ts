@@ -12,6 +12,7 @@ export const failures = {
   BOOT_TIMEOUT: { statusCode: 504, status: 'boot-timeout' },
   VM_EXITED: { statusCode: 502, status: 'vm-exited' },
   SPAWN_FAILED: { statusCode: 502, status: 'spawn-failed' },
+  RESTORE_FAILED: { statusCode: 502, status: 'restore-failed' },
   GUEST_UNREACHABLE: { statusCode: 502, status: 'guest-unreachable' },
   HEADERS_TIMEOUT: { statusCode: 504, status: 'headers-timeout' },
   BODY_TIMEOUT: { statusCode: 504, status: 'body-timeout' },

@@ -13,10 +13,11 @@ import { mkdtempSync, openSync, renameSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { FastifyBaseLogger as Logger } from 'fastify'
+import { VmcgiError } from '../errors.js'
 import type { Console } from './console.js'
 import type { QemuProcess } from './qemu-process.js'
 import type { QemuArgsInput } from './qemu-args.js'
-import { Qmp, waitForMigration } from './qmp.js'
+import { Qmp, QmpError, waitForMigration } from './qmp.js'
 
 /** A booted guest saved once: RAM in a file, device state in another. */
 export interface SnapshotFiles {
@@ -86,7 +87,7 @@ export function cloneMode(files: SnapshotFiles, { reseed }: { reseed: boolean })
     sandbox: true,
     // The device state, on descriptor 3 (restoreClone reads it from there).
     openInherited: () => [openSync(files.statePath, 'r')],
-    restore: (attempt, signal) => restoreClone(qmpSocket, signal),
+    restore: (attempt, signal) => restoreClone(qmpSocket, attempt, signal),
     reseed: reseed ? (attempt, signal) => reseedGuest(attempt, signal) : () => undefined,
     release: () => rmSync(qmpSocket, { force: true }),
   }
@@ -131,15 +132,20 @@ async function saveTemplate(files: SnapshotFiles, qmpSocket: string, attempt: At
  * Hands a clone the template's device state on descriptor 3 and waits until
  * it is loaded. Its RAM is the template's file, so only device state is in
  * the stream (x-ignore-shared). The template was saved running, so the clone
- * runs as soon as it is restored.
+ * runs as soon as it is restored. QEMU refusing to restore is RESTORE_FAILED:
+ * QEMU did start.
  */
-async function restoreClone(qmpSocket: string, signal: AbortSignal): Promise<void> {
+async function restoreClone(qmpSocket: string, { log }: Attempt, signal: AbortSignal): Promise<void> {
   const qmp = await Qmp.connect(qmpSocket, signal)
   try {
     await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] })
     await qmp.execute('migrate-incoming', { uri: `fd:${stateFd}` })
     // Console input sent before the UART's state is loaded would be lost.
     await waitForMigration(qmp, signal)
+  } catch (error) {
+    if (!(error instanceof QmpError)) throw error
+    log.warn({ qmp: { command: error.command, error: error.desc } }, 'QEMU could not restore the clone')
+    throw new VmcgiError('RESTORE_FAILED', `the clone could not be restored: ${error.message}`, { cause: error })
   } finally {
     qmp.close()
   }

@@ -1,11 +1,29 @@
 // A minimal client for the QEMU Machine Protocol: JSON lines over a unix
 // socket. Enough to pause, snapshot and restore a VM.
+//
+// QEMU's refusals are QmpErrors, not failures of the catalogue: what one means
+// for a request (a clone that could not be restored, say) is the caller's to say.
 
 import { connect, type Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { VmcgiError } from '../errors.js'
 
+/** QEMU refused a command, or a migration it ran failed; QEMU itself runs on. */
+export class QmpError extends Error {
+  readonly command: string
+  /** QEMU's own words. */
+  readonly desc: string
+
+  constructor(command: string, desc: string) {
+    super(`QMP: ${desc}`)
+    this.name = 'QmpError'
+    this.command = command
+    this.desc = desc
+  }
+}
+
 interface Pending {
+  command: string
   resolve: (value: unknown) => void
   reject: (error: Error) => void
 }
@@ -43,7 +61,7 @@ export class Qmp {
         const qmp = new Qmp(socket, signal)
         try {
           // The greeting comes first, unasked; it is the answer to nothing.
-          await qmp.#next()
+          await qmp.#next('(greeting)')
           await qmp.execute('qmp_capabilities')
         } catch (error) {
           qmp.close()
@@ -55,9 +73,9 @@ export class Qmp {
     }
   }
 
-  /** Runs one command; rejects with QEMU's error description. */
+  /** Runs one command; rejects with a QmpError when QEMU refuses it. */
   async execute(command: string, args?: Record<string, unknown>): Promise<unknown> {
-    const answer = this.#next()
+    const answer = this.#next(command)
     this.#socket.write(`${JSON.stringify(args ? { execute: command, arguments: args } : { execute: command })}\n`)
     return answer
   }
@@ -75,10 +93,10 @@ export class Qmp {
     for (const pending of this.#pending.splice(0)) pending.reject(error)
   }
 
-  #next(): Promise<unknown> {
+  #next(command: string): Promise<unknown> {
     if (this.#signal.aborted) return Promise.reject(this.#signal.reason)
     if (this.#closed) return Promise.reject(new VmcgiError('VM_EXITED', 'QMP connection closed'))
-    return new Promise((resolve, reject) => this.#pending.push({ resolve, reject }))
+    return new Promise((resolve, reject) => this.#pending.push({ command, resolve, reject }))
   }
 
   #receive(text: string): void {
@@ -92,19 +110,19 @@ export class Qmp {
       if (message.event) continue
       const pending = this.#pending.shift()
       if (!pending) continue
-      if (message.error) pending.reject(new VmcgiError('SPAWN_FAILED', `QMP: ${message.error.desc}`))
+      if (message.error) pending.reject(new QmpError(pending.command, message.error.desc))
       else pending.resolve(message.QMP ?? message.return)
     }
   }
 }
 
-/** Polls query-migrate until the migration has completed; rejects if it failed. */
+/** Polls query-migrate until the migration has completed; rejects with a QmpError if it failed. */
 export async function waitForMigration(qmp: Qmp, signal: AbortSignal): Promise<void> {
   for (;;) {
     const { status, 'error-desc': error } = (await qmp.execute('query-migrate')) as { status?: string; 'error-desc'?: string }
     if (status === 'completed') return
     if (status === 'failed' || status === 'cancelled') {
-      throw new VmcgiError('SPAWN_FAILED', `migration ${status}${error ? `: ${error}` : ''}`)
+      throw new QmpError('query-migrate', `migration ${status}${error ? `: ${error}` : ''}`)
     }
     // The signal's own reason (a boot timeout, say), not the timer's AbortError.
     await sleep(2, undefined, { signal }).catch(() => signal.throwIfAborted())

@@ -36,6 +36,7 @@ describe('Qmp', () => {
       command === 'qmp_capabilities' ? { return: {} } : { error: { class: 'GenericError', desc: 'no such thing' } })
     const qmp = await Qmp.connect(path, AbortSignal.timeout(5_000))
     await expect(qmp.execute('query-migrate')).rejects.toThrow('QMP: no such thing')
+    await expect(qmp.execute('query-migrate')).rejects.toMatchObject({ name: 'QmpError', command: 'query-migrate', desc: 'no such thing' })
     qmp.close()
   })
 

@@ -143,4 +143,12 @@ describe('QemuVm', () => {
     const booted = lines.find((line) => line.mode === 'clone')
     expect(booted?.phases).toHaveProperty('reseeded')
   })
+
+  it('fails a clone whose restore QMP refuses with RESTORE_FAILED, not SPAWN_FAILED, and logs QMP\'s error', async () => {
+    const { createVm, lines } = setUp('listen=0 qmp-fail=migrate-incoming', {}, { clone: true })
+    const vm = createVm()
+    await expect(vm.boot(never())).rejects.toMatchObject({ code: 'RESTORE_FAILED', statusCode: 502, status: 'restore-failed' })
+    expect(lines.find((line) => line.qmp !== undefined)?.qmp).toEqual({ command: 'migrate-incoming', error: 'fake-qemu refuses migrate-incoming' })
+    expect(vm.state).toBe('stopped')
+  })
 })
