@@ -154,12 +154,17 @@ async function restoreClone(qmpSocket: string, { log }: Attempt, signal: AbortSi
 /**
  * Clones of one template share its RNG state and clock. Before a clone sees
  * a request, the guest's agent (images/agent.c) takes fresh entropy from here,
- * reseeds its kernel's CRNG, sets the clock, and says so on the console.
+ * reseeds its kernel's CRNG, sets the clock, and says so on the console, or
+ * says that it could not: then the clone fails at once, as one that could not
+ * be restored, rather than at the boot timeout.
  */
 async function reseedGuest({ qemu, console }: Attempt, signal: AbortSignal): Promise<void> {
   const nonce = randomBytes(8).toString('hex')
   const seed = randomBytes(32).toString('hex')
-  const done = console.waitFor([`vmcgi: reseeded ${nonce}`], signal)
+  const failed = `vmcgi: reseed failed ${nonce}`
+  const answer = console.waitFor([`vmcgi: reseeded ${nonce}`, failed], signal)
   qemu.stdin.write(`vmcgi-seed ${seed} ${Math.floor(Date.now() / 1000)} ${nonce}\n`)
-  await done
+  if ((await answer) === failed) {
+    throw new VmcgiError('RESTORE_FAILED', 'the guest agent could not reseed its RNG or set its clock')
+  }
 }

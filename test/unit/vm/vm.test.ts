@@ -151,4 +151,13 @@ describe('QemuVm', () => {
     expect(lines.find((line) => line.qmp !== undefined)?.qmp).toEqual({ command: 'migrate-incoming', error: 'fake-qemu refuses migrate-incoming' })
     expect(vm.state).toBe('stopped')
   })
+
+  it('fails a clone whose guest agent could not reseed at once, not at the boot timeout', async () => {
+    const { createVm } = setUp('listen=0 reseed=fail', { readiness: { timeoutMs: 10_000 } }, { clone: true })
+    const vm = createVm()
+    const { ms, error } = await timed(vm.boot(never()))
+    expect(error).toMatchObject({ code: 'RESTORE_FAILED' })
+    expect(ms).toBeLessThan(3_000)
+    expect(vm.state).toBe('stopped')
+  })
 })
