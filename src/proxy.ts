@@ -17,13 +17,18 @@ const hopByHop = new Set([
   'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'expect',
 ])
 
-/** Drops hop-by-hop headers, those the Connection header names, and vmcgi-* (ours alone to set). */
+/**
+ * Drops hop-by-hop headers, those the Connection header names, vmcgi-* (ours
+ * alone to set), and any name with an underscore: CGI turns `-` and `_` alike
+ * into `_`, so `X_Forwarded_For` would reach a script as vmcgi's
+ * X-Forwarded-For (nginx drops them by default too).
+ */
 function withoutHopByHop(headers: IncomingHttpHeaders): IncomingHttpHeaders {
   const named = String(headers.connection ?? '').toLowerCase().split(',').map((name) => name.trim())
   const kept: IncomingHttpHeaders = {}
   for (const [name, value] of Object.entries(headers)) {
     const lower = name.toLowerCase()
-    if (value === undefined || hopByHop.has(lower) || named.includes(lower) || lower.startsWith('vmcgi-')) continue
+    if (value === undefined || hopByHop.has(lower) || named.includes(lower) || lower.startsWith('vmcgi-') || lower.includes('_')) continue
     kept[lower] = value
   }
   return kept
@@ -43,6 +48,34 @@ export function toGuestHeaders(headers: IncomingHttpHeaders, client: ClientInfo)
   if (client.host) out['x-forwarded-host'] = client.host
   else delete out['x-forwarded-host']
   return out
+}
+
+/**
+ * The path to ask the guest for, from a request target as it came: the path
+ * of an absolute-form target (RFC 9112 §3.2.2), whose host is never
+ * contacted. The query is not part of it: it goes to the guest as it came.
+ * A path with broken percent-encoding or a `..` segment is refused, as the
+ * forwarding would refuse it (after the VM had booted).
+ */
+export function guestPath(target: string): string {
+  let path = target.split('?', 1)[0]!
+  if (!path.startsWith('/')) {
+    try {
+      path = new URL(path).pathname
+    } catch {
+      throw new VmcgiError('BAD_REQUEST', 'the request target is neither a path nor an absolute URL', { statusCode: 400 })
+    }
+  }
+  let decoded
+  try {
+    decoded = decodeURIComponent(path)
+  } catch {
+    throw new VmcgiError('BAD_REQUEST', 'the path has broken percent-encoding', { statusCode: 400 })
+  }
+  if (decoded.split('/').includes('..')) {
+    throw new VmcgiError('BAD_REQUEST', 'the path has a .. segment', { statusCode: 400 })
+  }
+  return path
 }
 
 export function bootTimeHeader(vm: Pick<GuestVm, 'bootMs' | 'accelerated'>): string {
@@ -120,11 +153,12 @@ export function guestFailure(error: Error & { code?: string }): VmcgiError {
  * exchange to explain: the request's own reason (timeout, client gone) when
  * there is one, or what the guest did.
  */
-export function forwardToVm(request: FastifyRequest, reply: FastifyReply, exchange: Exchange, lease: Lease): FastifyReply {
+export function forwardToVm(request: FastifyRequest, reply: FastifyReply, exchange: Exchange, lease: Lease, path: string): FastifyReply {
   const { vm } = lease
   vm.markServing()
   const forwarded = performance.now()
-  return reply.from(request.url, {
+  // The path alone: reply-from then takes the query from the request as it came.
+  return reply.from(path, {
     getUpstream: () => vm.origin,
     // reply-from retries GETs that get a 503 up to ten times: the guest's answer goes back once.
     retryDelay: () => null,

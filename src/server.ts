@@ -10,7 +10,7 @@ import { Admission } from './admission.js'
 import { VmcgiError } from './errors.js'
 import { accessLog } from './http/access-log.js'
 import { exchanges } from './http/exchange.js'
-import { answerClientError, failureResponses } from './http/failure-response.js'
+import { answerClientError, failureResponses, sendFailure } from './http/failure-response.js'
 import { requestBody } from './http/request-body.js'
 import { shutdown } from './http/shutdown.js'
 import { vmRoute } from './http/vm-route.js'
@@ -46,6 +46,8 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     // Answered by http/shutdown.ts, with vmcgi-status and Retry-After.
     return503OnClosing: false,
     clientErrorHandler: answerClientError,
+    // A URL the router cannot decode (/%ZZ), answered like every other failure.
+    frameworkErrors: (error, request, reply) => sendFailure(request, reply, error),
   }) as unknown as FastifyInstance
 
   // One Agent for all VMs: each VM is a new origin, and undici (≥ 7.15) drops

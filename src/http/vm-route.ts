@@ -5,7 +5,7 @@ import { METHODS } from 'node:http'
 import fp from 'fastify-plugin'
 import { VmcgiError } from '../errors.js'
 import type { VmLeases } from '../lease.js'
-import { forwardToVm } from '../proxy.js'
+import { forwardToVm, guestPath } from '../proxy.js'
 
 export interface VmRouteOptions {
   leases: VmLeases
@@ -23,8 +23,9 @@ export const vmRoute = fp<VmRouteOptions>(async (app, { leases, bodyLimitBytes }
     if (Number(request.headers['content-length'] ?? 0) > bodyLimitBytes) {
       throw new VmcgiError('BODY_TOO_LARGE', `the body is over ${bodyLimitBytes} bytes`)
     }
+    const path = guestPath(request.url)
     const lease = await leases.take(request.log, exchange.signal)
     exchange.hold(lease)
-    return forwardToVm(request, reply, exchange, lease)
+    return forwardToVm(request, reply, exchange, lease, path)
   })
 }, { name: 'vmcgi-vm-route', dependencies: ['vmcgi-exchange'] })

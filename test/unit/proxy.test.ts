@@ -33,6 +33,13 @@ describe('toGuestHeaders', () => {
     )
     expect(Object.keys(out).sort()).toEqual(['content-length', 'x-forwarded-for', 'x-forwarded-proto'])
   })
+  it('drops client headers with an underscore, which CGI would take for vmcgi\'s own', () => {
+    const out = toGuestHeaders(
+      { x_forwarded_for: '6.6.6.6', X_Forwarded_Proto: 'https', x_forwarded_host: 'evil', vmcgi_status: 'OK', 'x-fine': 'yes' },
+      { ip: '127.0.0.1', proto: 'http', host: 'example.test' },
+    )
+    expect(out).toEqual({ 'x-fine': 'yes', 'x-forwarded-for': '127.0.0.1', 'x-forwarded-proto': 'http', 'x-forwarded-host': 'example.test' })
+  })
 })
 
 describe('toClientHeaders', () => {

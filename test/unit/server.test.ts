@@ -216,6 +216,42 @@ describe('buildServer', () => {
     expect(answer).toMatch(/\r\nvmcgi-status: /)
   })
 
+  it('sends a path that starts with // to the VM as a path, never to the host it seems to name', async () => {
+    let elsewhere = 0
+    const other = createServer((_req, res) => res.end(String(++elsewhere)))
+    await new Promise<void>((resolve) => other.listen(0, '127.0.0.1', resolve))
+    onTestFinished(() => new Promise<void>((resolve) => other.close(() => resolve())))
+    const { address } = await start('ok')
+    const res = await request(`${address}//127.0.0.1:${(other.address() as AddressInfo).port}/secret?x=1`)
+    expect(elsewhere).toBe(0)
+    expect(res.statusCode).toBe(200)
+    expect(res.headers['vmcgi-status']).toBe('OK')
+    expect(await res.body.json()).toMatchObject({ url: `//127.0.0.1:${(other.address() as AddressInfo).port}/secret?x=1` })
+  })
+
+  it('forwards a request in absolute form by its path and query, and a query with a stray % or .. as it came', async () => {
+    const { address, vms } = await start('ok')
+    const absolute = await rawExchange(address, 'GET http://evil.example/x?a=1 HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n')
+    expect(absolute).toMatch(/^HTTP\/1\.1 200 /)
+    expect(absolute).toContain('"url":"/x?a=1"')
+    for (const query of ['discount=100%', 'next=../account']) {
+      const res = await request(`${address}/shop?${query}`)
+      expect(res.statusCode).toBe(200)
+      expect(((await res.body.json()) as { url: string }).url).toBe(`/shop?${query}`)
+    }
+    expect(vms).toHaveLength(3)
+  })
+
+  it('refuses a path it cannot forward as it came with 400 bad-request, before any VM boots', async () => {
+    const { address, vms } = await start('ok')
+    for (const path of ['/a/../etc/passwd', '/%ZZ', '/%2e%2e/x']) {
+      const answer = await rawExchange(address, `GET ${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+      expect(answer, path).toMatch(/^HTTP\/1\.1 400 /)
+      expect(answer, path).toMatch(/\r\nvmcgi-status: bad-request\r\n/)
+    }
+    expect(vms).toHaveLength(0)
+  })
+
   it('answers 503 overloaded with Retry-After when VMs and queue are full', async () => {
     const { address, vms } = await start('hang', echoGuest, { limits: { maxVms: 1, queue: { size: 0 } } })
     const abort = new AbortController()
