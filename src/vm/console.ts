@@ -1,6 +1,6 @@
 // One QEMU's serial console, for one spawn attempt: its tail for the log, the guest's ready line, and lines awaited.
 //
-// A new QEMU after a port retry gets a new Console, so that nothing the last
+// A new QEMU after a port retry gets a new SerialConsole, so that nothing the last
 // one printed (its ready line, say) counts for it.
 
 import { performance } from 'node:perf_hooks'
@@ -12,7 +12,7 @@ interface Waiter {
   resolve: (text: string) => void
 }
 
-export class Console {
+export class SerialConsole {
   #tail: Tail
   #readyLine: string
   #readyMs: number | undefined

@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { FastifyBaseLogger as Logger } from 'fastify'
 import { VmcgiError } from '../errors.js'
-import type { Console } from './console.js'
+import type { SerialConsole } from './console.js'
 import type { QemuProcess } from './qemu-process.js'
 import type { QemuArgsInput } from './qemu-args.js'
 import { Qmp, QmpError, waitForMigration } from './qmp.js'
@@ -28,7 +28,7 @@ export interface SnapshotFiles {
 /** One spawn attempt of a VM, as a mode's hooks see it. */
 export interface Attempt {
   qemu: QemuProcess
-  console: Console
+  console: SerialConsole
   log: Logger
 }
 
@@ -88,7 +88,7 @@ export function cloneMode(files: SnapshotFiles, { reseed }: { reseed: boolean })
     // The device state, on descriptor 3 (restoreClone reads it from there).
     openInherited: () => [openSync(files.statePath, 'r')],
     restore: (attempt, signal) => restoreClone(qmpSocket, attempt, signal),
-    reseed: reseed ? (attempt, signal) => reseedGuest(attempt, signal) : () => undefined,
+    reseed: reseed ? reseedGuest : () => undefined,
     release: () => rmSync(qmpSocket, { force: true }),
   }
 }

@@ -6,7 +6,7 @@
 // creates a Vm owns its end: close() (SIGTERM, then SIGKILL after a grace) or
 // destroy() (SIGKILL now). Both are idempotent and both wait until QEMU is reaped.
 //
-// Each spawn attempt has its own QemuProcess and Console; when QEMU loses the
+// Each spawn attempt has its own QemuProcess and SerialConsole; when QEMU loses the
 // race for its port, boot() starts another on a new port. How the VM comes to
 // life (a cold boot, the template, a clone) is its StartMode's business (modes.ts).
 
@@ -17,7 +17,7 @@ import type { FastifyBaseLogger as Logger } from 'fastify'
 import type { Config } from '../config.js'
 import { VmcgiError } from '../errors.js'
 import type { AccelDecision } from './accel.js'
-import { Console } from './console.js'
+import { SerialConsole } from './console.js'
 import type { GuestVm, VmFactory, VmState } from './guest.js'
 import { bootMode, cloneMode, type Attempt, type SnapshotFiles, type StartMode } from './modes.js'
 import { buildQemuArgs } from './qemu-args.js'
@@ -220,7 +220,7 @@ export class QemuVm implements GuestVm {
     })
     this.#attempt = {
       qemu,
-      console: new Console(qemu.stdout, { tailBytes: config.vm.consoleTailBytes, readyLine: config.readiness.consoleLine }),
+      console: new SerialConsole(qemu.stdout, { tailBytes: config.vm.consoleTailBytes, readyLine: config.readiness.consoleLine }),
       log,
     }
     return this.#attempt

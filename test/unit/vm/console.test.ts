@@ -1,15 +1,15 @@
-// Console: the tail of a VM's serial console, its ready line, and lines awaited.
+// SerialConsole: the tail of a VM's serial console, its ready line, and lines awaited.
 
 import { PassThrough } from 'node:stream'
 import { describe, expect, it } from 'vitest'
-import { Console } from '../../../src/vm/console.js'
+import { SerialConsole } from '../../../src/vm/console.js'
 
-function makeConsole(options = { tailBytes: 256, readyLine: 'vmcgi: ready' }): { output: PassThrough; console: Console } {
+function makeConsole(options = { tailBytes: 256, readyLine: 'vmcgi: ready' }): { output: PassThrough; console: SerialConsole } {
   const output = new PassThrough()
-  return { output, console: new Console(output, options) }
+  return { output, console: new SerialConsole(output, options) }
 }
 
-describe('Console', () => {
+describe('SerialConsole', () => {
   it('keeps the last tailBytes of the output', () => {
     const { output, console: tty } = makeConsole({ tailBytes: 256, readyLine: '' })
     output.write('x'.repeat(300))
