@@ -64,12 +64,18 @@ export interface Config {
     readonly bodyIdleMs: number
     /** The whole request, from arrival to the last byte of the response. */
     readonly requestMs: number
+    /** Longest silence while the client sends its request body. */
+    readonly clientBodyIdleMs: number
+    /** The whole request body, from the request's arrival to its last byte. */
+    readonly clientBodyMs: number
   }
   readonly limits: {
     /** VMs running at once; by default sized from the host's memory and CPUs. */
     readonly maxVms: number
     readonly queue: { readonly size: number; readonly maxWaitMs: number }
     readonly bodyLimitBytes: number
+    /** Request bodies up to this size are read whole before a VM is taken; larger ones stream into it. */
+    readonly bodyBufferBytes: number
   }
   readonly preflight: {
     /** Boot one VM at start and wait for its guest, so that a broken image fails fast. */
@@ -182,6 +188,8 @@ const schema = {
         headersMs: { ...positiveMs, default: 15000 },
         bodyIdleMs: { ...positiveMs, default: 10000 },
         requestMs: { ...positiveMs, default: 25000 },
+        clientBodyIdleMs: { ...positiveMs, default: 5000 },
+        clientBodyMs: { ...positiveMs, default: 15000 },
       },
     },
     limits: {
@@ -200,6 +208,7 @@ const schema = {
           },
         },
         bodyLimitBytes: { type: 'integer', minimum: 0, default: 10 * 1024 * 1024 },
+        bodyBufferBytes: { type: 'integer', minimum: 0, maximum: 64 * 1024 * 1024, default: 256 * 1024 },
       },
     },
     preflight: {

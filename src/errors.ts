@@ -21,6 +21,7 @@ export const failures = {
   CLIENT_GONE: { statusCode: 499, status: 'client-gone' },
   CLIENT_TIMEOUT: { statusCode: 408, status: 'client-timeout' },
   BAD_REQUEST: { statusCode: 400, status: 'bad-request' },
+  NOT_IMPLEMENTED: { statusCode: 501, status: 'not-implemented' },
   INTERNAL: { statusCode: 500, status: 'internal-error' },
 } as const
 

@@ -88,13 +88,20 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
   await app.register(exchanges, { requestMs: config.timeouts.requestMs })
   await app.register(accessLog, { metrics })
   await app.register(shutdown, { destroyAllVms })
-  await app.register(requestBody, { limitBytes: limits.bodyLimitBytes, maxReading: limits.maxVms + limits.queue.size })
+  await app.register(requestBody, {
+    limitBytes: limits.bodyLimitBytes,
+    bufferBytes: limits.bodyBufferBytes,
+    idleMs: config.timeouts.clientBodyIdleMs,
+    totalMs: config.timeouts.clientBodyMs,
+    // A chunked body at most for every request admission lets run or wait.
+    budgetBytes: (limits.maxVms + limits.queue.size) * limits.bodyLimitBytes,
+  })
   await app.register(failureResponses)
 
   app.get(config.health.path, async (_request, reply) => {
     reply.header('vmcgi-status', 'OK').type('text/plain; charset=utf-8')
     return 'OK\n'
   })
-  await app.register(vmRoute, { leases, bodyLimitBytes: limits.bodyLimitBytes })
+  await app.register(vmRoute, { leases })
   return app
 }

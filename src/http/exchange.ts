@@ -18,6 +18,8 @@ declare module 'fastify' {
 }
 
 export class Exchange {
+  /** When the request arrived, in performance.now() time. */
+  readonly arrived = performance.now()
   /** When timeouts.requestMs runs out, in performance.now() time. */
   readonly deadline: number
   #response: ServerResponse
@@ -31,8 +33,8 @@ export class Exchange {
 
   constructor(response: ServerResponse, requestMs: number) {
     this.#response = response
-    this.deadline = performance.now() + requestMs
-    this.#timer = setTimeout(() => this.#end(this.#readingBody
+    this.deadline = this.arrived + requestMs
+    this.#timer = setTimeout(() => this.abort(this.#readingBody
       ? new VmcgiError('CLIENT_TIMEOUT', `the request body took over ${requestMs} ms to arrive`)
       : new VmcgiError('REQUEST_TIMEOUT', `the request took over ${requestMs} ms`)), requestMs)
     // 'close' comes for every response: complete, cut or abandoned.
@@ -106,7 +108,8 @@ export class Exchange {
     return this.#response.headersSent && !this.#response.writableFinished && !this.#response.destroyed
   }
 
-  #end(reason: VmcgiError): void {
+  /** Ends the request now: `reason` is recorded (unless a failure came first), every wait ends, and the VM goes. */
+  abort(reason: VmcgiError): void {
     if (this.signal.aborted) return
     this.fail(reason)
     this.#ended.abort(reason)
@@ -118,7 +121,7 @@ export class Exchange {
     this.#closed = true
     clearTimeout(this.#timer)
     // vmcgi records why before it cuts a response; otherwise the client left.
-    if (!this.#response.writableFinished) this.#end(new VmcgiError('CLIENT_GONE', 'the client went away'))
+    if (!this.#response.writableFinished) this.abort(new VmcgiError('CLIENT_GONE', 'the client went away'))
     void this.#lease?.end()
     for (const listener of this.#onClosed) listener()
   }

@@ -3,16 +3,10 @@
 
 import { METHODS } from 'node:http'
 import fp from 'fastify-plugin'
-import { VmcgiError } from '../errors.js'
 import type { VmLeases } from '../lease.js'
 import { forwardToVm, guestPath } from '../proxy.js'
 
-export interface VmRouteOptions {
-  leases: VmLeases
-  bodyLimitBytes: number
-}
-
-export const vmRoute = fp<VmRouteOptions>(async (app, { leases, bodyLimitBytes }) => {
+export const vmRoute = fp<{ leases: VmLeases }>(async (app, { leases }) => {
   // Every method Node can parse goes to the guest (WebDAV's PROPFIND, say),
   // except CONNECT: vmcgi is no tunnel.
   for (const method of METHODS) {
@@ -20,9 +14,6 @@ export const vmRoute = fp<VmRouteOptions>(async (app, { leases, bodyLimitBytes }
   }
   app.all('/*', async (request, reply) => {
     const exchange = request.exchange!
-    if (Number(request.headers['content-length'] ?? 0) > bodyLimitBytes) {
-      throw new VmcgiError('BODY_TOO_LARGE', `the body is over ${bodyLimitBytes} bytes`)
-    }
     const path = guestPath(request.url)
     const lease = await leases.take(request.log, exchange.signal)
     exchange.hold(lease)

@@ -185,6 +185,66 @@ describe('buildServer', () => {
     expect(vms).toHaveLength(0)
   })
 
+  it('reads a small body before taking a VM, so that a slow client holds none', async () => {
+    const { address, vms } = await start('ok', echoGuest, { limits: { maxVms: 1 } })
+    const { hostname, port } = new URL(address)
+    const slow = connect({ host: hostname, port: Number(port) }, () => {
+      slow.write('POST /cgi-bin/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nh')
+    }).on('error', () => {})
+    onTestFinished(() => void slow.destroy())
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    const res = await request(`${address}/`)
+    expect(res.statusCode).toBe(200)
+    await res.body.text()
+    expect(vms).toHaveLength(1)
+    const answer = new Promise<string>((resolve) => {
+      let text = ''
+      slow.setEncoding('latin1').on('data', (chunk: string) => {
+        text += chunk
+        if (text.includes('"body"')) resolve(text)
+      })
+    })
+    slow.write('ello')
+    expect(await answer).toMatch(/"body":"hello"/)
+    expect(vms).toHaveLength(2)
+  })
+
+  it('answers 408 client-timeout, without a VM, to a small body that goes silent', async () => {
+    const { address, vms } = await start('ok', echoGuest, { timeouts: { clientBodyIdleMs: 300 } })
+    const answer = await rawExchange(address, 'POST /cgi-bin/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhe')
+    expect(answer).toMatch(/^HTTP\/1\.1 408 /)
+    expect(answer).toMatch(/\r\nvmcgi-status: client-timeout\r\n/)
+    expect(vms).toHaveLength(0)
+  })
+
+  it('ends a request whose large, streamed body goes silent as client-timeout, and stops its VM', async () => {
+    const metrics = new Metrics()
+    const { address, vms } = await start('ok', echoGuest, { limits: { bodyBufferBytes: 4 }, timeouts: { clientBodyIdleMs: 300 } }, metrics)
+    const answer = await rawExchange(address, 'POST /cgi-bin/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\nhello')
+    expect(answer).toMatch(/^HTTP\/1\.1 408 /)
+    expect(answer).toMatch(/\r\nvmcgi-status: client-timeout\r\n/)
+    expect(vms).toHaveLength(1)
+    await vms[0]!.ended
+    await expect.poll(() => metrics.registry.metrics()).toMatch(/vmcgi_requests_total\{vmcgi_status="client-timeout",code="408"\} 1/)
+  })
+
+  it('answers Expect: 100-continue with 413 instead of 100 when the body is over the limit', async () => {
+    const { address, vms } = await start('ok', echoGuest, { limits: { bodyLimitBytes: 10 } })
+    const answer = await rawExchange(address, 'POST /cgi-bin/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n')
+    expect(answer).toMatch(/^HTTP\/1\.1 413 /)
+    expect(vms).toHaveLength(0)
+    const within = await rawExchange(address, 'POST /cgi-bin/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n')
+    expect(within).toMatch(/^HTTP\/1\.1 100 Continue\r\n/)
+  })
+
+  it('answers 501 not-implemented to a transfer coding other than chunked', async () => {
+    const { address, vms } = await start('ok')
+    const answer = await rawExchange(address, 'POST /cgi-bin/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n')
+    expect(answer).toMatch(/^HTTP\/1\.1 501 /)
+    expect(answer).toMatch(/\r\nvmcgi-status: not-implemented\r\n/)
+    expect(vms).toHaveLength(0)
+  })
+
   it('forwards methods beyond the usual ones, such as WebDAV\'s PROPFIND', async () => {
     const { address } = await start('ok')
     const res = await request(`${address}/dav/`, { method: 'PROPFIND', body: '<propfind/>', headers: { depth: '1' } })
