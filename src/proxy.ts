@@ -3,6 +3,7 @@
 
 import type { IncomingHttpHeaders } from 'node:http'
 import { performance } from 'node:perf_hooks'
+import { Transform, type Readable } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { VmcgiError } from './errors.js'
 import type { Exchange } from './http/exchange.js'
@@ -157,25 +158,56 @@ export function forwardToVm(request: FastifyRequest, reply: FastifyReply, exchan
   const { vm } = lease
   vm.markServing()
   const forwarded = performance.now()
+  /** Whether the guest's body ends with its connection, as CGI output without a length does. */
+  let unframed = false
   // The path alone: reply-from then takes the query from the request as it came.
   return reply.from(path, {
     getUpstream: () => vm.origin,
     // reply-from retries GETs that get a 503 up to ten times: the guest's answer goes back once.
     retryDelay: () => null,
     rewriteRequestHeaders: (_request, headers) => toGuestHeaders(headers, { ip: request.ip, proto: request.protocol, host: request.headers.host }),
-    rewriteHeaders: (headers) => toClientHeaders(headers, vm, {
-      queueMs: lease.queueMs,
-      waitMs: lease.waitMs,
-      spawnMs: vm.spawnMs,
-      bootMs: vm.bootMs - vm.spawnMs,
-      proxyMs: performance.now() - forwarded,
-    }),
+    rewriteHeaders: (headers) => {
+      unframed = closeDelimited(headers)
+      return toClientHeaders(headers, vm, {
+        queueMs: lease.queueMs,
+        waitMs: lease.waitMs,
+        spawnMs: vm.spawnMs,
+        bootMs: vm.bootMs - vm.spawnMs,
+        proxyMs: performance.now() - forwarded,
+      })
+    },
     onError: (failed, { error }) => failed.send(exchange.explain(error)),
     // A body that fails after the headers can only be cut; its reason is
     // recorded first, for the log line and the metrics.
     onResponse: (_request, replying, res) => {
       res.stream.once('error', (error: Error) => exchange.explain(error))
-      replying.send(res.stream)
+      replying.send(unframed ? confirmEnd(res.stream, vm, exchange) : res.stream)
     },
   })
+}
+
+/** A body with neither a length nor chunks ends when the guest's connection closes (RFC 9112 §6.3). */
+export function closeDelimited(headers: IncomingHttpHeaders): boolean {
+  const coding = String(headers['transfer-encoding'] ?? '').toLowerCase()
+  return headers['content-length'] === undefined && !coding.includes('chunked')
+}
+
+/**
+ * Passes a close-delimited body on, and lets it end only if QEMU is still
+ * running when it does. When QEMU dies, user networking closes the guest's
+ * connection as if the guest had ended its answer; ended cleanly, that body
+ * would look complete to the client. It is cut instead.
+ */
+function confirmEnd(body: Readable, vm: GuestVm, exchange: Exchange): Readable {
+  const confirmed = new Transform({
+    transform: (chunk, _encoding, callback) => callback(null, chunk),
+    flush: (callback) => {
+      vm.isRunning().then((running) => {
+        if (running) return callback()
+        callback(exchange.fail(new VmcgiError('VM_EXITED', 'QEMU exited while the guest answered')))
+      }, callback)
+    },
+  })
+  body.once('error', (error) => confirmed.destroy(error))
+  return body.pipe(confirmed)
 }

@@ -18,6 +18,12 @@ export interface GuestVm {
   boot(signal: AbortSignal): Promise<void>
   /** Resolves once QEMU has exited, for whatever reason; ask after boot(). */
   readonly exited: Promise<void>
+  /**
+   * Whether QEMU is running at this moment. A guest's connection that ends
+   * may mean the guest ended its answer or that QEMU died: this tells which,
+   * even before the exit has been reaped.
+   */
+  isRunning(): Promise<boolean>
   markServing(): void
   consoleTail(): string
   /** Graceful: SIGTERM, then SIGKILL after vm.killGraceMs. Idempotent; resolves once reaped. */

@@ -5,6 +5,7 @@
 // once, and `exited` resolves once the process is reaped, whatever ended it.
 
 import { closeSync } from 'node:fs'
+import { readFile } from 'node:fs/promises'
 import { performance } from 'node:perf_hooks'
 import type { Readable, Writable } from 'node:stream'
 import { execa, type ResultPromise } from 'execa'
@@ -89,6 +90,24 @@ export class QemuProcess {
   /** Aborts, with the reason `exited` resolves with, once QEMU has exited. */
   get exitSignal(): AbortSignal {
     return this.#exit.signal
+  }
+
+  /**
+   * False once QEMU has exited, even before it is reaped: a killed QEMU's
+   * sockets close before its exit is told, and on Linux /proc shows it as a
+   * zombie (or gone) at once. Elsewhere only the reaping tells.
+   */
+  async isRunning(): Promise<boolean> {
+    if (this.#exit.signal.aborted || this.pid === undefined) return false
+    if (process.platform !== 'linux') return true
+    try {
+      const stat = await readFile(`/proc/${this.pid}/stat`, 'latin1')
+      // pid (comm) state …: comm may hold spaces and parentheses, the state follows the last ')'.
+      const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3)
+      return state !== 'Z' && state !== 'X'
+    } catch {
+      return false
+    }
   }
 
   stderrTail(): string {

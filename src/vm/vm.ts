@@ -95,6 +95,10 @@ export class QemuVm implements GuestVm {
     return (this.#attempt?.qemu.exited ?? Promise.resolve()).then(() => undefined)
   }
 
+  isRunning(): Promise<boolean> {
+    return this.#attempt?.qemu.isRunning() ?? Promise.resolve(false)
+  }
+
   async boot(signal: AbortSignal): Promise<void> {
     this.#expect('created', 'boot')
     this.#enter('booting')

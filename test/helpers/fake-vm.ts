@@ -50,6 +50,10 @@ export class FakeVm implements GuestVm {
     this.state = 'ready'
   }
 
+  async isRunning(): Promise<boolean> {
+    return this.state !== 'stopped'
+  }
+
   markServing(): void {
     this.state = 'serving'
   }
@@ -57,6 +61,9 @@ export class FakeVm implements GuestVm {
   consoleTail(): string {
     return 'fake console\n'
   }
+
+  /** How long after its end `exited` resolves. */
+  reapDelayMs = 0
 
   /** Why the VM was destroyed; undefined after close(). */
   destroyedFor: Error | undefined
@@ -75,6 +82,8 @@ export class FakeVm implements GuestVm {
     this.state = 'stopped'
     this.#guest?.closeAllConnections()
     await new Promise((resolve) => (this.#guest ? this.#guest.close(resolve) : resolve(undefined)))
+    // A real QEMU's sockets close as it dies; its reaping is told later.
+    if (this.reapDelayMs > 0) await new Promise((resolve) => setTimeout(resolve, this.reapDelayMs))
     this.#endedResolve()
   }
 }

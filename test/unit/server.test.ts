@@ -349,6 +349,32 @@ describe('buildServer', () => {
     await expect.poll(() => metrics.registry.metrics()).toMatch(/vmcgi_requests_total\{vmcgi_status="body-timeout",code="200"\} 1/)
   })
 
+  it('cuts a body delimited by the connection\'s close when QEMU died, instead of ending it cleanly', async () => {
+    const metrics = new Metrics()
+    let dies = () => {}
+    const { address, vms } = await start('ok', (req) => {
+      req.socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\npartial')
+      setTimeout(() => dies(), 100)
+    }, {}, metrics)
+    dies = () => {
+      vms[0]!.reapDelayMs = 500
+      void vms[0]!.destroy(new Error('QEMU was killed'))
+    }
+    const res = await request(`${address}/`)
+    expect(res.statusCode).toBe(200)
+    await expect(res.body.text()).rejects.toThrow()
+    await expect.poll(() => metrics.registry.metrics()).toMatch(/vmcgi_requests_total\{vmcgi_status="vm-exited",code="200"\} 1/)
+  })
+
+  it('ends a body delimited by the connection\'s close cleanly when the guest closed it and QEMU runs', async () => {
+    const { address } = await start('ok', (req) => {
+      req.socket.end('HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nwhole body')
+    })
+    const res = await request(`${address}/`)
+    expect(res.statusCode).toBe(200)
+    expect(await res.body.text()).toBe('whole body')
+  })
+
   it('serves from a warm pool with no wait, and reports it in Server-Timing', async () => {
     let warmUps = 0
     const { address, vms, app } = await start('ok', (req, res) => {
