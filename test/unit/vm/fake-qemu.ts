@@ -71,4 +71,3 @@ export function alive(pid: number): boolean {
     return false
   }
 }
-
