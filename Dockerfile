@@ -12,26 +12,29 @@
 # amd64 machine needs no emulation for the slow part. Only Debian packages
 # are used; BuildKit is needed (docker buildx, or DOCKER_BUILDKIT=1).
 
-# The guest: kernel and initramfs, built with images/build.sh.
+# The guest: kernel (images/kernel.sh), then initramfs (images/initramfs.sh).
 FROM --platform=$BUILDPLATFORM debian:trixie-slim AS guest
 ENV DEBIAN_FRONTEND=noninteractive
+WORKDIR /src
 # Build tools for the guest kernel and initramfs, the newest linux-source,
-# and a cross compiler plus arm64 busybox unless the build machine is arm64.
+# and a cross compiler plus arm64 busybox unless the build machine is arm64:
+# those groups of images/packages.txt.
+COPY images/packages.txt images/
 RUN set -eux; \
-    packages="make gcc libc6-dev bc flex bison cpio gzip xz-utils perl libssl-dev libelf-dev util-linux linux-source"; \
+    groups="kernel|kernel-source|initramfs"; \
     if [ "$(dpkg --print-architecture)" != arm64 ]; then \
         dpkg --add-architecture arm64; \
-        packages="$packages gcc-aarch64-linux-gnu"; \
+        groups="$groups|cross-aarch64"; \
     fi; \
     apt-get update -q; \
-    apt-get install -y -q --no-install-recommends $packages
-WORKDIR /src
+    apt-get install -y -q --no-install-recommends \
+        $(awk -v re="^($groups)\$" '$1 ~ re { print $2 }' images/packages.txt)
 # The kernel first, from its recipe alone: it takes minutes, and changes to
-# the site, the init or the agent do not rebuild it.
-COPY images/build.sh images/kernel.config images/kernel-x86_64.config images/
-RUN bash images/build.sh --kernel-only
+# the initramfs recipe, the site, the init or the agent do not rebuild it.
+COPY images/lib.sh images/kernel.sh images/kernel.config images/kernel-aarch64.config images/
+RUN bash images/kernel.sh
 COPY images/ images/
-RUN bash images/build.sh && rm -rf images/out/cache images/out/aarch64/initramfs-build
+RUN bash images/initramfs.sh && rm -rf images/out/cache images/out/aarch64/initramfs-build
 
 
 # vmcgi itself: the compiled TypeScript and its production dependencies.
@@ -39,7 +42,10 @@ RUN bash images/build.sh && rm -rf images/out/cache images/out/aarch64/initramfs
 # each other.
 FROM --platform=$BUILDPLATFORM debian:trixie-slim AS app
 ENV DEBIAN_FRONTEND=noninteractive
-RUN apt-get update -q && apt-get install -y -q --no-install-recommends nodejs npm
+RUN --mount=type=bind,source=images/packages.txt,target=/tmp/packages.txt \
+    apt-get update -q && \
+    apt-get install -y -q --no-install-recommends \
+        $(awk '$1 ~ /^(node|npm)$/ { print $2 }' /tmp/packages.txt)
 WORKDIR /src
 COPY package.json package-lock.json ./
 # Behind a proxy that intercepts TLS, give npm the proxy's CA certificate:
@@ -54,15 +60,17 @@ RUN npm run build && npm prune --omit=dev --no-audit --no-fund
 
 FROM debian:trixie-slim
 ENV DEBIAN_FRONTEND=noninteractive
-# qemu-system-arm ships qemu-system-aarch64; without recommends it leaves out
-# about 250 MiB of UEFI firmware that a -kernel boot does not need, and the
-# 32-bit ARM emulator it also carries (30 MB) is left out here. util-linux
-# gives setpriv (QEMU dies with vmcgi). setcap lets node, as a non-root user,
-# listen on port 80.
-RUN set -eux; \
+# Node, QEMU for the aarch64 guest, setpriv and setcap: the node, run,
+# run-aarch64 and docker groups of images/packages.txt (read from the build
+# context, not copied into the image). The 32-bit ARM emulator that
+# qemu-system-arm also carries (30 MB) is left out. setcap lets node, as a
+# non-root user, listen on port 80.
+RUN --mount=type=bind,source=images/packages.txt,target=/tmp/packages.txt \
+    set -eux; \
     echo 'path-exclude /usr/bin/qemu-system-arm' >/etc/dpkg/dpkg.cfg.d/vmcgi-exclude; \
     apt-get update -q; \
-    apt-get install -y -q --no-install-recommends nodejs qemu-system-arm util-linux libcap2-bin; \
+    apt-get install -y -q --no-install-recommends \
+        $(awk '$1 ~ /^(node|run|run-aarch64|docker)$/ { print $2 }' /tmp/packages.txt); \
     setcap cap_net_bind_service=+ep "$(readlink -f /usr/bin/node)"; \
     apt-get clean; \
     rm -rf /var/lib/apt/lists/*; \
