@@ -7,11 +7,11 @@ cd "$(dirname "$0")/.."
 
 step() { printf '==> %s\n' "$*"; }
 
-# qemu-system-arm ships qemu-system-aarch64 (qemu-system-x86 the x86_64 guest's
-# emulator); without recommends they skip UEFI firmware that a -kernel boot does
-# not need. procps gives pgrep (tests),
-# util-linux gives setpriv (QEMU dies with vmcgi).
-packages=(qemu-system-arm qemu-system-x86 procps util-linux)
+# What vmcgi and its tests run, for both guests: the run, run-ARCH and test
+# groups of images/packages.txt, which says why each is needed. The image
+# recipes install their own build tools (as root) or name them.
+mapfile -t packages < <(awk '$1 ~ /^(run|run-aarch64|run-x86_64|test)$/ { print $2 }' images/packages.txt)
+((${#packages[@]})) || { echo "setup: images/packages.txt lists no packages" >&2; exit 1; }
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
