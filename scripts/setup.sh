@@ -37,8 +37,8 @@ npm run --silent build
 step 'building the default guest image'
 npm run --silent images
 
-step 'building the test guest image (the same kernel, images/test-site)'
-npm run --silent images -- --site images/test-site --out images/out/test-site
+step 'building the test guest image (the same kernel, images/test-site over images/site)'
+npm run --silent images -- --site images/site --site images/test-site --out images/out/test-site
 
 step 'building the x86_64 guest image'
 npm run --silent images -- --arch x86_64
