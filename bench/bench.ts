@@ -13,7 +13,7 @@
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { availableParallelism, cpus, tmpdir, totalmem } from 'node:os'
-import { join, resolve } from 'node:path'
+import { join } from 'node:path'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import getPort from 'get-port'
@@ -21,12 +21,12 @@ import { Agent, request } from 'undici'
 import { normalizeConfig, type Config } from '../src/config.js'
 import { chooseAccel, guestArchOf, readHostFacts } from '../src/vm/accel.js'
 import { buildQemuArgs } from '../src/vm/qemu-args.js'
+import { cpuSeconds, memoryOf } from '../test/support/proc.js'
+import { repo, spawnVmcgi, type VmcgiProcess } from '../test/support/vmcgi.js'
 
-const repo = resolve(import.meta.dirname, '../..')
 const samples = Number(process.env.BENCH_SAMPLES ?? 15)
 const throughputSeconds = Number(process.env.BENCH_SECONDS ?? 12)
 const concurrencies = [1, 2, 4]
-const clockTicks = Number(execFileSync('getconf', ['CLK_TCK']).toString().trim())
 
 const rawConfig = JSON.parse(readFileSync(join(repo, 'config.example.json'), 'utf8')) as Record<string, Record<string, unknown>>
 const config: Config = normalizeConfig(rawConfig, { baseDir: repo })
@@ -38,21 +38,6 @@ const dispatcher = new Agent({ keepAliveTimeout: 1_000, headersTimeout: 30_000, 
 function percentile(values: number[], p: number): number {
   const sorted = [...values].sort((a, b) => a - b)
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? Number.NaN
-}
-
-/** CPU seconds used by a process and by its reaped children, from /proc. */
-function cpuSeconds(pid: number): { self: number; children: number } {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ')
-  // After "pid (comm) ": utime is field 14 of stat, so index 11 here; cutime 13.
-  const at = (index: number) => Number(fields[index]) / clockTicks
-  return { self: at(11) + at(12), children: at(13) + at(14) }
-}
-
-function memoryOf(pid: number): { rssMiB: number; pssMiB: number } {
-  const status = readFileSync(`/proc/${pid}/status`, 'utf8')
-  const rollup = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8')
-  const kib = (text: string, key: string) => Number(new RegExp(`^${key}:\\s+(\\d+)`, 'm').exec(text)?.[1] ?? 0)
-  return { rssMiB: kib(status, 'VmRSS') / 1024, pssMiB: kib(rollup, 'Pss') / 1024 }
 }
 
 async function get(url: string, timeoutMs = 30_000): Promise<{ status: number; vmcgiStatus: string | undefined }> {
@@ -108,17 +93,16 @@ async function baselineOnce(): Promise<number> {
 
 // ---------------------------------------------------------------- vmcgi
 
-interface Vmcgi {
-  url: string
-  adminUrl: string
-  child: ChildProcess
-  lines: string[]
-  stop: () => Promise<void>
+interface Vmcgi extends VmcgiProcess {
+  /** The admin listener, for /metrics. */
+  admin: string
 }
 
+let configs = 0
+
+/** Starts vmcgi with config.example.json, the bench's limits and `overrides`; resolves once both listeners are up. */
 async function startVmcgi(overrides: Record<string, Record<string, unknown>>, dir: string): Promise<Vmcgi> {
-  const port = await getPort({ host: '127.0.0.1' })
-  const file = join(dir, `config-${port}.json`)
+  const file = join(dir, `config-${++configs}.json`)
   writeFileSync(file, JSON.stringify({
     ...rawConfig,
     ...overrides,
@@ -127,38 +111,27 @@ async function startVmcgi(overrides: Record<string, Record<string, unknown>>, di
     limits: { maxVms: 8, queue: { size: 64, maxWaitMs: 60_000 } },
     vm: { ...rawConfig.vm, kernel: config.vm.kernel, initrd: config.vm.initrd, ...overrides.vm },
   }))
-  const child = spawn('node', [join(repo, 'dist/main.js'), '--config', file, '--port', String(port)], { stdio: ['ignore', 'pipe', 'inherit'] })
-  const lines: string[] = []
-  const exited = new Promise<void>((done) => child.once('exit', () => done()))
-  let adminUrl = ''
-  await new Promise<void>((listening, failed) => {
-    child.stdout!.setEncoding('utf8').on('data', (text: string) => {
-      lines.push(...text.split('\n').filter(Boolean))
-      const admin = /"listener":"admin".*Server listening at (http:\/\/[\d.:]+)/.exec(text)
-      if (admin) {
-        adminUrl = admin[1]!
-        listening()
-      }
-    })
-    void exited.then(() => failed(new Error('vmcgi exited before listening')))
-  })
-  return {
-    url: `http://127.0.0.1:${port}`,
-    adminUrl,
-    child,
-    lines,
-    stop: async () => {
-      child.kill('SIGTERM')
-      await exited
-    },
+  // Clone mode boots and saves its template before it listens, which takes a while under TCG.
+  const vmcgi = await spawnVmcgi(file, { stderr: 'inherit', listenTimeoutMs: 180_000 })
+  try {
+    return { ...vmcgi, admin: await vmcgi.adminUrl() }
+  } catch (error) {
+    await stopVmcgi(vmcgi)
+    throw error
   }
+}
+
+/** Stops vmcgi; a QEMU that outlives it would skew the cases after it, so that fails the run. */
+async function stopVmcgi(vmcgi: VmcgiProcess): Promise<void> {
+  const outlived = await vmcgi.stop()
+  if (outlived.length > 0) throw new Error(`QEMU outlived vmcgi: ${outlived.join(', ')}`)
 }
 
 /** Waits until the pool is full again, as /metrics says. */
 async function waitForPool(vmcgi: Vmcgi, size: number): Promise<void> {
   const end = performance.now() + 30_000
   while (performance.now() < end) {
-    const res = await request(`${vmcgi.adminUrl}/metrics`, { dispatcher })
+    const res = await request(`${vmcgi.admin}/metrics`, { dispatcher })
     const pooled = Number(/^vmcgi_vms\{state="pooled"\} (\d+)/m.exec(await res.body.text())?.[1] ?? 0)
     if (pooled >= size) return
     await sleep(20)
@@ -175,7 +148,7 @@ async function vmcgiOnce(vmcgi: Vmcgi): Promise<number> {
 
 /** Closed-loop load: `concurrency` clients, each sending its next request when the last is answered. */
 async function throughput(vmcgi: Vmcgi, concurrency: number): Promise<{ rps: number; ok: number; failed: number; cpuPerVm: number; why: string[] }> {
-  const before = cpuSeconds(vmcgi.child.pid!)
+  const before = await cpuSeconds(vmcgi.child.pid!)
   const end = performance.now() + throughputSeconds * 1000
   let ok = 0
   let failed = 0
@@ -198,7 +171,7 @@ async function throughput(vmcgi: Vmcgi, concurrency: number): Promise<{ rps: num
   }))
   const seconds = (performance.now() - started) / 1000
   await sleep(1_500) // let the last VMs be reaped, so their CPU time is counted
-  const after = cpuSeconds(vmcgi.child.pid!)
+  const after = await cpuSeconds(vmcgi.child.pid!)
   const cpu = after.self - before.self + after.children - before.children
   return { rps: ok / seconds, ok, failed, cpuPerVm: ok ? cpu / ok : Number.NaN, why }
 }
@@ -234,7 +207,7 @@ async function main(): Promise<void> {
     // (e) direct: one guest, already up.
     const direct = await spawnBare()
     await pollUntil200(direct.port)
-    const directMemory = memoryOf(direct.child.pid!)
+    const directMemory = await memoryOf(direct.child.pid!)
     const directTimes = await latencies(async () => {
       const started = performance.now()
       await get(`http://127.0.0.1:${direct.port}/`)
@@ -245,9 +218,9 @@ async function main(): Promise<void> {
     log('direct done')
 
     // (a) baseline: spawn, poll, kill. CPU per VM from this process's reaped children.
-    const cpuBefore = cpuSeconds(process.pid).children
+    const cpuBefore = (await cpuSeconds(process.pid)).children
     const baselineTimes = await latencies(baselineOnce)
-    const baselineCpu = (cpuSeconds(process.pid).children - cpuBefore) / samples
+    const baselineCpu = ((await cpuSeconds(process.pid)).children - cpuBefore) / samples
     results.push({
       name: 'baseline', p50: percentile(baselineTimes, 50), p95: percentile(baselineTimes, 95), rps: {}, failures: 0, cpuPerVm: baselineCpu,
     })
@@ -275,7 +248,7 @@ async function main(): Promise<void> {
         results.push(result)
         log(`${mode.name} done`)
       } finally {
-        await vmcgi.stop()
+        await stopVmcgi(vmcgi)
       }
     }
 
@@ -283,10 +256,11 @@ async function main(): Promise<void> {
     const clones = await startVmcgi({ pool: { size: 1 }, vm: { snapshot: { enabled: true, dir: join(workDir, 'snapshots') } } }, workDir)
     try {
       await waitForPool(clones, 1)
-      const [pid] = execFileSync('pgrep', ['-P', String(clones.child.pid), '-f', 'qemu-system'], { encoding: 'utf8' }).trim().split('\n')
-      cloneMemory = memoryOf(Number(pid))
+      const [pid] = await clones.qemuChildren()
+      if (pid === undefined) throw new Error('the pool of one has no QEMU')
+      cloneMemory = await memoryOf(pid)
     } finally {
-      await clones.stop()
+      await stopVmcgi(clones)
     }
 
     report(results, { qemuVersion, directMemory, cloneMemory })

@@ -8,8 +8,9 @@ import { connect } from 'node:net'
 import { request } from 'undici'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { execa } from 'execa'
+import { listeningAddresses } from '../support/proc.js'
 import {
-  allQemuProcesses, expectNoVms, listeningAddresses, mainJs, startVmcgi, testImage, writeConfig, type Vmcgi,
+  allQemuProcesses, expectNoVms, mainJs, startVmcgi, testImage, writeConfig, type Vmcgi,
 } from './harness.js'
 
 /** Asks for `path` and reads the whole answer; a cut body is reported, not thrown. */

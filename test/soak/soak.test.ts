@@ -9,7 +9,7 @@ import { readFile } from 'node:fs/promises'
 import { Agent, request } from 'undici'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { repo, startVmcgi, type Vmcgi } from '../e2e/harness.js'
-import { childPids, fdCount, qemuProcesses, sampleProcess, type ProcSample } from './proc.js'
+import { childPids, fdCount, qemuProcesses, sampleProcess, type ProcSample } from '../support/proc.js'
 
 const maxVms = 4
 const queue = { size: 2 * maxVms, maxWaitMs: 20_000 }
@@ -302,7 +302,7 @@ describe('soak: hundreds of VMs through one vmcgi', () => {
     const ours = (await qemuProcesses()).filter((qemu) => qemu.ppid === pid || (qemu.name !== undefined && vmIds.has(qemu.name)))
     expect(ours, 'QEMU processes of this vmcgi still alive').toEqual([])
     // And none at all on the machine; a QEMU that just exited may stay a zombie for a moment.
-    const everywhere = async () => (await qemuProcesses()).map((qemu) => `${qemu.pid} (parent ${qemu.ppid}, ${qemu.state}) ${qemu.command}`)
+    const everywhere = async () => (await qemuProcesses()).map((qemu) => `${qemu.pid} (parent ${qemu.ppid}, ${qemu.state}) ${qemu.command.slice(0, 160)}`)
     await expect.poll(everywhere, { timeout: settleMs, interval: 100, message: 'qemu-system processes on this machine' }).toEqual([])
   }, 2 * minute)
 })
