@@ -79,6 +79,29 @@ export function guestPath(target: string): string {
   return path
 }
 
+/** A Host: a reg-name, IPv4 or bracketed IPv6 literal, and an optional port (RFC 9110 §7.2, RFC 3986 §3.2.2). */
+const validHost = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(:\d{0,5})?$/
+
+/**
+ * The request's one Host, or undefined for an HTTP/1.0 request without one.
+ * RFC 9112 §3.2: a request with more than one Host, an invalid one, or none in
+ * HTTP/1.1 gets 400.
+ */
+export function requestHost(rawHeaders: readonly string[], httpVersion: string): string | undefined {
+  const values: string[] = []
+  for (let index = 0; index < rawHeaders.length; index += 2) {
+    if (rawHeaders[index]!.toLowerCase() === 'host') values.push(rawHeaders[index + 1]!)
+  }
+  if (values.length > 1) throw new VmcgiError('BAD_REQUEST', 'the request has more than one Host header', { statusCode: 400 })
+  const [host] = values
+  if (host === undefined) {
+    if (httpVersion === '1.0') return undefined
+    throw new VmcgiError('BAD_REQUEST', 'an HTTP/1.1 request needs a Host header', { statusCode: 400 })
+  }
+  if (!validHost.test(host)) throw new VmcgiError('BAD_REQUEST', 'the Host header is not a host', { statusCode: 400 })
+  return host
+}
+
 export function bootTimeHeader(vm: Pick<GuestVm, 'bootMs' | 'accelerated'>): string {
   return `${vm.bootMs} ms (hardware acceleration ${vm.accelerated ? 'enabled' : 'disabled'})`
 }
@@ -154,7 +177,13 @@ export function guestFailure(error: Error & { code?: string }): VmcgiError {
  * exchange to explain: the request's own reason (timeout, client gone) when
  * there is one, or what the guest did.
  */
-export function forwardToVm(request: FastifyRequest, reply: FastifyReply, exchange: Exchange, lease: Lease, path: string): FastifyReply {
+export function forwardToVm(
+  request: FastifyRequest,
+  reply: FastifyReply,
+  exchange: Exchange,
+  lease: Lease,
+  { path, host }: { path: string; host: string | undefined },
+): FastifyReply {
   const { vm } = lease
   vm.markServing()
   const forwarded = performance.now()
@@ -165,7 +194,7 @@ export function forwardToVm(request: FastifyRequest, reply: FastifyReply, exchan
     getUpstream: () => vm.origin,
     // reply-from retries GETs that get a 503 up to ten times: the guest's answer goes back once.
     retryDelay: () => null,
-    rewriteRequestHeaders: (_request, headers) => toGuestHeaders(headers, { ip: request.ip, proto: request.protocol, host: request.headers.host }),
+    rewriteRequestHeaders: (_request, headers) => toGuestHeaders(headers, { ip: request.ip, proto: request.protocol, host }),
     rewriteHeaders: (headers) => {
       unframed = closeDelimited(headers)
       return toClientHeaders(headers, vm, {

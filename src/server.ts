@@ -46,6 +46,8 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     // Answered by http/shutdown.ts, with vmcgi-status and Retry-After.
     return503OnClosing: false,
     clientErrorHandler: answerClientError,
+    // Host is checked with the rest of the request target (http/vm-route.ts), and answered with vmcgi-status.
+    http: { requireHostHeader: false },
     // A URL the router cannot decode (/%ZZ), answered like every other failure.
     frameworkErrors: (error, request, reply) => sendFailure(request, reply, error),
   }) as unknown as FastifyInstance

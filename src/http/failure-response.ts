@@ -1,10 +1,11 @@
 // Where a failure becomes an HTTP answer: one rendering of its status line,
-// headers and body, sent through Fastify (sendFailure) or, for requests Node
-// could not parse, which never reach Fastify, on the raw socket (answerClientError).
+// headers and body, sent through Fastify (sendFailure) or, for requests that
+// never reach Fastify (unparseable, or CONNECT), on the raw socket.
 
-import { STATUS_CODES } from 'node:http'
+import { STATUS_CODES, type IncomingMessage } from 'node:http'
 import type { Socket } from 'node:net'
-import type { FastifyReply, FastifyRequest } from 'fastify'
+import type { Duplex } from 'node:stream'
+import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { retryAfterSeconds, toVmcgiError, VmcgiError } from '../errors.js'
 
@@ -62,6 +63,18 @@ export function answerClientError(error: Error & { code?: string }, socket: Sock
   const failure = error.code === 'ERR_HTTP_REQUEST_TIMEOUT'
     ? new VmcgiError('CLIENT_TIMEOUT', 'the request headers did not arrive in time')
     : new VmcgiError('BAD_REQUEST', 'the request could not be parsed', { statusCode: error.code === 'HPE_HEADER_OVERFLOW' ? 431 : 400 })
+  writeFailure(socket, failure)
+}
+
+/** CONNECT asks for a tunnel, which vmcgi is not: it is answered on the socket, and logged. */
+function refuseTunnel(log: FastifyBaseLogger, request: IncomingMessage, socket: Duplex): void {
+  const failure = new VmcgiError('BAD_REQUEST', 'vmcgi opens no tunnels', { statusCode: 405 })
+  log.info({ method: request.method, url: request.url, statusCode: failure.statusCode, vmcgiStatus: failure.status }, 'request')
+  writeFailure(socket, failure)
+}
+
+/** Writes a whole answer on a raw socket and closes it. */
+function writeFailure(socket: Duplex, failure: VmcgiError): void {
   const { statusCode, headers, body } = renderFailure(failure)
   socket.end([
     `HTTP/1.1 ${statusCode} ${STATUS_CODES[statusCode]}`,
@@ -75,6 +88,7 @@ export function answerClientError(error: Error & { code?: string }, socket: Sock
 
 /** Every error a route or hook throws, and every path no route takes, is answered by sendFailure. */
 export const failureResponses = fp(async (app) => {
+  app.server.on('connect', (request: IncomingMessage, socket: Duplex) => refuseTunnel(app.log, request, socket))
   app.setNotFoundHandler(() => {
     throw new VmcgiError('BAD_REQUEST', 'vmcgi serves paths that start with /', { statusCode: 400 })
   })

@@ -4,7 +4,7 @@
 import { METHODS } from 'node:http'
 import fp from 'fastify-plugin'
 import type { VmLeases } from '../lease.js'
-import { forwardToVm, guestPath } from '../proxy.js'
+import { forwardToVm, guestPath, requestHost } from '../proxy.js'
 
 export const vmRoute = fp<{ leases: VmLeases }>(async (app, { leases }) => {
   // Every method Node can parse goes to the guest (WebDAV's PROPFIND, say),
@@ -14,9 +14,10 @@ export const vmRoute = fp<{ leases: VmLeases }>(async (app, { leases }) => {
   }
   app.all('/*', async (request, reply) => {
     const exchange = request.exchange!
-    const path = guestPath(request.url)
+    // What cannot be forwarded as it came is refused before any VM boots.
+    const target = { path: guestPath(request.url), host: requestHost(request.raw.rawHeaders, request.raw.httpVersion) }
     const lease = await leases.take(request.log, exchange.signal)
     exchange.hold(lease)
-    return forwardToVm(request, reply, exchange, lease, path)
+    return forwardToVm(request, reply, exchange, lease, target)
   })
 }, { name: 'vmcgi-vm-route', dependencies: ['vmcgi-exchange'] })

@@ -312,6 +312,26 @@ describe('buildServer', () => {
     expect(vms).toHaveLength(0)
   })
 
+  it('answers 400 bad-request, before any VM boots, to two Hosts, a Host that is not one, or HTTP/1.1 without one', async () => {
+    const { address, vms } = await start('ok')
+    for (const head of ['Host: a.example\r\nHost: b.example', 'Host: a b/c', '']) {
+      const answer = await rawExchange(address, `GET / HTTP/1.1\r\n${head ? `${head}\r\n` : ''}Connection: close\r\n\r\n`)
+      expect(answer, head).toMatch(/^HTTP\/1\.1 400 /)
+      expect(answer, head).toMatch(/\r\nvmcgi-status: bad-request\r\n/)
+    }
+    expect(vms).toHaveLength(0)
+    const old = await rawExchange(address, 'GET / HTTP/1.0\r\n\r\n')
+    expect(old).toMatch(/^HTTP\/1\.1 200 /)
+  })
+
+  it('answers CONNECT with 405 and a vmcgi-status, and opens no tunnel', async () => {
+    const { address, vms } = await start('ok')
+    const tunnel = await rawExchange(address, 'CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n')
+    expect(tunnel).toMatch(/^HTTP\/1\.1 405 /)
+    expect(tunnel).toMatch(/\r\nvmcgi-status: bad-request\r\n/)
+    expect(vms).toHaveLength(0)
+  })
+
   it('answers 503 overloaded with Retry-After when VMs and queue are full', async () => {
     const { address, vms } = await start('hang', echoGuest, { limits: { maxVms: 1, queue: { size: 0 } } })
     const abort = new AbortController()
