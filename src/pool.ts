@@ -65,9 +65,14 @@ export class VmPool {
   async take(log: FastifyBaseLogger, signal: AbortSignal): Promise<TakenVm> {
     if (this.#closed) throw new VmcgiError('SHUTTING_DOWN', 'vmcgi is shutting down')
     const started = performance.now()
-    const warm = this.#ready.shift()
-    if (warm) {
+    for (let warm = this.#ready.shift(); warm; warm = this.#ready.shift()) {
       this.#refill()
+      // A warm VM that died or was frozen (SIGSTOP) while it waited serves nobody.
+      if (!(await warm.isRunning())) {
+        log.warn({ vm: warm.id, console: warm.consoleTail() }, 'a warm VM was not running when taken; dropping it')
+        void warm.destroy(new VmcgiError('VM_EXITED', 'the warm VM was not running when taken'))
+        continue
+      }
       log.debug({ vm: warm.id }, 'took a warm VM from the pool')
       return { vm: warm, waitMs: 0, warm: true }
     }

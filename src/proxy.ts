@@ -205,7 +205,10 @@ export function forwardToVm(
         proxyMs: performance.now() - forwarded,
       })
     },
-    onError: (failed, { error }) => failed.send(exchange.explain(error)),
+    // A connection that failed because QEMU died is the VM's exit, not the guest's doing.
+    onError: (failed, { error }) => void vm.isRunning().then((running) => failed.send(running
+      ? exchange.explain(error)
+      : exchange.fail(new VmcgiError('VM_EXITED', 'QEMU exited before the guest answered', { cause: error })))),
     // A body that fails after the headers can only be cut; its reason is
     // recorded first, for the log line and the metrics.
     onResponse: (_request, replying, res) => {

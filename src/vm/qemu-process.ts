@@ -93,9 +93,10 @@ export class QemuProcess {
   }
 
   /**
-   * False once QEMU has exited, even before it is reaped: a killed QEMU's
-   * sockets close before its exit is told, and on Linux /proc shows it as a
-   * zombie (or gone) at once. Elsewhere only the reaping tells.
+   * False once QEMU has exited, even before it is reaped, and while it is
+   * stopped by a signal. A killed QEMU's sockets close before its exit is
+   * told; on Linux /proc shows it as a zombie (or gone) at once. Elsewhere
+   * only the reaping tells.
    */
   async isRunning(): Promise<boolean> {
     if (this.#exit.signal.aborted || this.pid === undefined) return false
@@ -104,7 +105,8 @@ export class QemuProcess {
       const stat = await readFile(`/proc/${this.pid}/stat`, 'latin1')
       // pid (comm) state …: comm may hold spaces and parentheses, the state follows the last ')'.
       const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3)
-      return state !== 'Z' && state !== 'X'
+      // Z and X: dead, not yet reaped; T: stopped by a signal (SIGSTOP), and answering nothing.
+      return !['Z', 'X', 'T'].includes(state)
     } catch {
       return false
     }

@@ -50,8 +50,11 @@ export class FakeVm implements GuestVm {
     this.state = 'ready'
   }
 
+  /** Stands for a QEMU stopped by SIGSTOP: not stopped as a VM, but running no more. */
+  frozen = false
+
   async isRunning(): Promise<boolean> {
-    return this.state !== 'stopped'
+    return this.state !== 'stopped' && !this.frozen
   }
 
   markServing(): void {

@@ -26,6 +26,17 @@ describe('VmPool', () => {
     expect(vms).toHaveLength(3)
   })
 
+  it('drops a warm VM that is no longer running instead of handing it out', async () => {
+    const { vmPool, vms } = pool(1)
+    vmPool.start()
+    await expect.poll(() => vmPool.ready).toBe(1)
+    vms[0]!.frozen = true
+    const taken = await vmPool.take(log, never)
+    expect(taken.vm).not.toBe(vms[0])
+    expect(taken.vm.state).toBe('ready')
+    await expect.poll(() => vms[0]!.state).toBe('stopped')
+  })
+
   it('boots a VM for the request when the pool is empty', async () => {
     const { vmPool } = pool(1)
     vmPool.start()

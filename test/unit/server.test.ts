@@ -111,6 +111,19 @@ describe('buildServer', () => {
     await res.body.text()
   })
 
+  it('answers 502 vm-exited, not guest-unreachable, when QEMU dies before the guest answers', async () => {
+    let dies = () => {}
+    const { address, vms } = await start('ok', () => dies())
+    dies = () => {
+      vms[0]!.reapDelayMs = 500
+      void vms[0]!.destroy(new Error('QEMU was killed'))
+    }
+    const res = await request(`${address}/`)
+    expect(res.statusCode).toBe(502)
+    expect(res.headers['vmcgi-status']).toBe('vm-exited')
+    await res.body.text()
+  })
+
   it('answers 504 headers-timeout when the guest sends no headers in time', async () => {
     const { address } = await start('ok', () => {}, { timeouts: { headersMs: 200 } })
     const res = await request(`${address}/`)
