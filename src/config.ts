@@ -2,7 +2,7 @@
 // paths resolved relative to the file, then frozen. Nothing downstream checks
 // for undefined.
 
-import { accessSync, constants, readFileSync, statSync } from 'node:fs'
+import { accessSync, closeSync, constants, openSync, readFileSync, readSync, statSync } from 'node:fs'
 import { availableParallelism, tmpdir, totalmem } from 'node:os'
 import { delimiter, dirname, isAbsolute, join, resolve } from 'node:path'
 import { Ajv, type ErrorObject } from 'ajv'
@@ -207,7 +207,7 @@ const schema = {
             maxWaitMs: { ...positiveMs, default: 5000 },
           },
         },
-        bodyLimitBytes: { type: 'integer', minimum: 0, default: 10 * 1024 * 1024 },
+        bodyLimitBytes: { type: 'integer', minimum: 0, maximum: 2 ** 30, default: 10 * 1024 * 1024 },
         bodyBufferBytes: { type: 'integer', minimum: 0, maximum: 64 * 1024 * 1024, default: 256 * 1024 },
       },
     },
@@ -286,7 +286,7 @@ export function normalizeConfig(
   const valid = candidate as unknown as Omit<Config, 'limits'> & { limits: { maxVms?: number; queue: { size?: number } } }
 
   const vm = valid.vm as Writable<Config['vm']>
-  vm.kernel = readableFile('vm.kernel', resolve(baseDir, vm.kernel))
+  vm.kernel = kernelFile('vm.kernel', resolve(baseDir, vm.kernel))
   vm.initrd = readableFile('vm.initrd', resolve(baseDir, vm.initrd))
   vm.qemu = findExecutable('vm.qemu', vm.qemu, baseDir, env.PATH ?? '')
   const snapshot = vm.snapshot as Writable<Config['vm']['snapshot']>
@@ -294,6 +294,15 @@ export function normalizeConfig(
   const { limits } = valid
   limits.maxVms ??= defaultMaxVms(vm.memoryMiB, host)
   limits.queue.size ??= limits.maxVms * 4
+  // What the host can hold: every VM, pooled or serving, with all its memory.
+  if (vm.memoryMiB > host.memoryMiB) {
+    throw new ConfigError('vm.memoryMiB', `${vm.memoryMiB} MiB is more than this host's ${host.memoryMiB} MiB`)
+  }
+  const fit = Math.floor(host.memoryMiB / vm.memoryMiB)
+  if (limits.maxVms + valid.pool.size > fit) {
+    const field = limits.maxVms > fit ? 'limits.maxVms' : 'pool.size'
+    throw new ConfigError(field, `limits.maxVms + pool.size (${limits.maxVms} + ${valid.pool.size}) VMs of ${vm.memoryMiB} MiB do not fit in this host's ${host.memoryMiB} MiB (at most ${fit})`)
+  }
   return deepFreeze(valid as Config)
 }
 
@@ -363,6 +372,30 @@ function readableFile(field: string, path: string): string {
     throw new ConfigError(field, code === 'ENOENT' ? `file not found: ${path}` : `cannot read ${path} (${code})`)
   }
   if (!statSync(path).isFile()) throw new ConfigError(field, `not a regular file: ${path}`)
+  return path
+}
+
+/**
+ * A readable file that starts as a kernel QEMU can boot with -kernel: an ELF
+ * (vmlinux, or a kernel of another OS), an arm64 Image, an x86 bzImage, a
+ * U-Boot image, or a gzip-compressed one. Anything else would be jumped into
+ * and hang the guest until the boot timeout.
+ */
+function kernelFile(field: string, path: string): string {
+  readableFile(field, path)
+  const head = Buffer.alloc(0x210)
+  const fd = openSync(path, 'r')
+  let length
+  try {
+    length = readSync(fd, head, 0, head.length, 0)
+  } finally {
+    closeSync(fd)
+  }
+  const at = (offset: number, magic: string) => head.subarray(offset, offset + magic.length).toString('latin1') === magic
+  const kernel = at(0, '\x7fELF') || at(0x38, 'ARM\x64') || at(0x202, 'HdrS') || at(0, '\x27\x05\x19\x56') || at(0, '\x1f\x8b')
+  if (length < 4 || !kernel) {
+    throw new ConfigError(field, `${path} is not a kernel QEMU can boot (not an ELF, arm64 Image, x86 bzImage, U-Boot or gzip image)`)
+  }
   return path
 }
 

@@ -80,18 +80,27 @@ async function main(): Promise<void> {
     await Promise.all([app.closeGracefully(config.shutdown.drainMs), admin?.close()])
     app.log.info('closed')
   })
-  await app.listen({ host: config.listen.host, port: config.listen.port })
-  await admin?.listen({ host: config.admin.host, port: config.admin.port })
+  await listenOn(app, 'listen', config.listen)
+  if (admin) await listenOn(admin, 'admin', config.admin)
+}
+
+/** A listener that cannot be opened is the config's fault: it exits 2, naming the field. */
+async function listenOn(server: { listen(options: { host: string; port: number }): Promise<string> }, section: string, { host, port }: { host: string; port: number }): Promise<void> {
+  try {
+    await server.listen({ host, port })
+  } catch (error) {
+    const { code, message } = error as NodeJS.ErrnoException
+    if (code === 'ENOTFOUND' || code === 'EAI_AGAIN' || code === 'EAI_NONAME' || code === 'EADDRNOTAVAIL') {
+      throw new ConfigError(`${section}.host`, `cannot listen on "${host}": ${message}`)
+    }
+    if (code === 'EADDRINUSE' || code === 'EACCES') throw new ConfigError(`${section}.port`, `cannot listen on port ${port}: ${message}`)
+    throw error
+  }
 }
 
 main().catch((error: unknown) => {
   if (error instanceof ConfigError) {
     process.stderr.write(`vmcgi: config: ${error.message}\n`)
-    process.exit(2)
-  }
-  const code = (error as NodeJS.ErrnoException).code
-  if (code === 'EADDRINUSE' || code === 'EACCES' || code === 'EADDRNOTAVAIL') {
-    process.stderr.write(`vmcgi: cannot listen: ${(error as Error).message}\n`)
     process.exit(2)
   }
   process.stderr.write(`vmcgi: ${(error as Error)?.stack ?? String(error)}\n`)

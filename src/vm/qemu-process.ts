@@ -58,9 +58,11 @@ export class QemuProcess {
     this.exited = this.#child.then((result) => {
       log.debug({ exitCode: result.exitCode, signal: result.signal }, 'QEMU exited')
       const neverRan = result.exitCode === undefined && !result.signal
+      // QEMU says why it refused to start (too many CPUs, too much memory) on its last stderr line.
+      const said = this.#stderr.text().trim().split('\n').at(-1)
       const reason = neverRan
         ? new VmcgiError('SPAWN_FAILED', `QEMU could not be started: ${result.shortMessage}`)
-        : new VmcgiError('VM_EXITED', `QEMU exited (${result.signal ?? `status ${result.exitCode}`})`)
+        : new VmcgiError('VM_EXITED', `QEMU exited (${result.signal ?? `status ${result.exitCode}`})${said ? `: ${said}` : ''}`)
       this.#exit.abort(reason)
       return reason
     })

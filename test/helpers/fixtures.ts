@@ -21,7 +21,8 @@ export function fakeImageDir(): FakeImageDir {
   const kernel = join(dir, 'Image')
   const initrd = join(dir, 'initramfs.cpio.gz')
   const qemu = join(dir, 'qemu-system-aarch64')
-  writeFileSync(kernel, 'kernel')
+  // ELF's magic, enough for vm.kernel's check.
+  writeFileSync(kernel, '\x7fELF fake kernel')
   writeFileSync(initrd, 'initrd')
   writeFileSync(qemu, '#!/bin/sh\nexit 0\n')
   chmodSync(qemu, 0o755)

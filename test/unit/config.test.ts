@@ -1,3 +1,4 @@
+import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { defaultMaxVms, normalizeConfig } from '../../src/config.js'
@@ -30,6 +31,32 @@ describe('normalizeConfig', () => {
     expect(config.vm.memoryMiB).toBe(128)
     expect(config.readiness.path).toBe('/')
     expect(Object.isFrozen(config.vm)).toBe(true)
+  })
+
+  it('refuses a kernel file that no -kernel boot could start, naming vm.kernel', () => {
+    const images = fakeImageDir()
+    writeFileSync(images.kernel, 'this is a text file, not a kernel\n')
+    expect(fieldOf(() => normalizeConfig({ vm: { kernel: images.kernel, initrd: images.initrd, qemu: images.qemu } }, { baseDir: '/' })))
+      .toBe('vm.kernel')
+    const arm64 = Buffer.alloc(64)
+    arm64.write('ARM\x64', 0x38, 'latin1')
+    writeFileSync(images.kernel, arm64)
+    expect(normalizeConfig({ vm: { kernel: images.kernel, initrd: images.initrd, qemu: images.qemu } }, { baseDir: '/' }).vm.kernel)
+      .toBe(images.kernel)
+  })
+
+  it('bounds VM counts and sizes by what the host can hold', () => {
+    const images = fakeImageDir()
+    const host = { cpus: 2, memoryMiB: 4096 }
+    const load = (raw: Record<string, Record<string, unknown>>) => () => normalizeConfig(
+      { ...raw, vm: { kernel: images.kernel, initrd: images.initrd, qemu: images.qemu, ...raw.vm } },
+      { baseDir: '/', host },
+    )
+    expect(fieldOf(load({ limits: { maxVms: 1e9 } }))).toBe('limits.maxVms')
+    expect(fieldOf(load({ pool: { size: 1024 } }))).toBe('pool.size')
+    expect(fieldOf(load({ vm: { memoryMiB: 65536 } }))).toBe('vm.memoryMiB')
+    expect(fieldOf(load({ limits: { bodyLimitBytes: 1e300 } }))).toBe('limits.bodyLimitBytes')
+    expect(load({ limits: { maxVms: 16 }, pool: { size: 16 } })().limits.maxVms).toBe(16)
   })
 
   it('finds a bare qemu name on PATH', () => {
