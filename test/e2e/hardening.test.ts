@@ -87,6 +87,105 @@ describe('hostile and broken guests', () => {
   })
 })
 
+describe('QEMU dying in the middle of an answer delimited by its connection', () => {
+  let vmcgi: Vmcgi
+  beforeAll(async () => {
+    vmcgi = await startVmcgi({}, testImage())
+  })
+  afterAll(() => vmcgi.stop())
+
+  /** Waits until the guest has answered its VM's probe and `afterMs` more, then SIGKILLs its QEMU. */
+  async function killQemuAfter(afterMs: number): Promise<void> {
+    await expect.poll(vmcgi.qemuChildren).toHaveLength(1)
+    const [pid] = await vmcgi.qemuChildren()
+    await expect.poll(() => vmcgi.logLines().some((line) => line.msg === 'VM state' && line.to === 'serving'), { timeout: 15_000 }).toBe(true)
+    await new Promise((resolve) => setTimeout(resolve, afterMs))
+    process.kill(pid!, 'SIGKILL')
+  }
+
+  it('cuts a body that drips, and logs and counts it as vm-exited', async () => {
+    const pending = fetchAll(vmcgi, '/cgi-bin/drip?killed')
+    await killQemuAfter(2_500)
+    const answer = await pending
+    expect(answer.status).toBe(200)
+    expect(answer.cut).toBe(true)
+    await expect.poll(() => vmcgi.logLines().find((line) => line.msg === 'request' && line.url === '/cgi-bin/drip?killed'))
+      .toMatchObject({ complete: false, failure: 'VM_EXITED' })
+    await expectNoVms(vmcgi)
+    await expectHealthy(vmcgi)
+  })
+
+  it('answers 502 vm-exited, without the guest\'s cookie, when QEMU dies after the headers but before any body', async () => {
+    const pending = fetchAll(vmcgi, '/cgi-bin/stall')
+    await killQemuAfter(1_500)
+    const answer = await pending
+    expect(answer.status).toBe(502)
+    expect(answer.vmcgiStatus).toBe('vm-exited')
+    expect(answer.headers['set-cookie']).toBeUndefined()
+    await expectNoVms(vmcgi)
+  })
+
+  it('cuts the body of a guest that powers off in the middle of it', async () => {
+    const answer = await fetchAll(vmcgi, '/cgi-bin/poweroff-unframed')
+    expect(answer.status).toBe(200)
+    expect(answer.cut).toBe(true)
+    await expectNoVms(vmcgi)
+  })
+})
+
+describe('clients slow to send their bodies', () => {
+  it('hold no VM: with limits.maxVms 2, two trickling bodies leave real requests served', async () => {
+    const vmcgi = await startVmcgi({ limits: { maxVms: 2 }, timeouts: { clientBodyIdleMs: 3_000, clientBodyMs: 6_000 } }, testImage())
+    const port = Number(new URL(vmcgi.url).port)
+    const trickles = [1, 2].map(() => new Promise<string>((resolve) => {
+      const socket = connect({ host: '127.0.0.1', port }, () => socket.write('POST /cgi-bin/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n'))
+      let text = ''
+      // One byte a second, for as long as vmcgi listens (bounded: 20 bytes at most).
+      let sent = 0
+      const timer = setInterval(() => (sent++ < 20 ? socket.write('x') : socket.destroy()), 1_000)
+      socket.on('data', (chunk) => (text += chunk.toString()))
+      socket.on('close', () => {
+        clearInterval(timer)
+        resolve(text)
+      })
+      socket.on('error', () => {})
+    }))
+    await new Promise((resolve) => setTimeout(resolve, 1_500))
+    expect(await vmcgi.qemuChildren()).toHaveLength(0)
+    const [first, second] = await Promise.all([fetchAll(vmcgi, '/cgi-bin/id'), fetchAll(vmcgi, '/cgi-bin/id')])
+    expect([first.status, second.status]).toEqual([200, 200])
+    // Each trickle ends at its first silence past clientBodyIdleMs, or at clientBodyMs in all.
+    for (const answer of await Promise.all(trickles)) {
+      expect(answer).toMatch(/^HTTP\/1\.1 408 /)
+      expect(answer).toMatch(/\r\nvmcgi-status: client-timeout\r\n/)
+    }
+    await vmcgi.stop()
+  })
+})
+
+describe('request targets the guest is the origin for', () => {
+  let vmcgi: Vmcgi
+  beforeAll(async () => {
+    vmcgi = await startVmcgi({}, testImage())
+  })
+  afterAll(() => vmcgi.stop())
+
+  it('passes a query with a stray % or a .. to the guest as it came', async () => {
+    for (const query of ['discount=100%', 'next=../account']) {
+      const answer = await fetchAll(vmcgi, `/cgi-bin/echo?${query}`)
+      expect(answer.status).toBe(200)
+      expect(answer.body).toContain(`query: ${query}\n`)
+    }
+  })
+
+  it('does not let a header with underscores stand in for X-Forwarded-For', async () => {
+    const answer = await fetchAll(vmcgi, '/cgi-bin/echo', { headers: { 'x_forwarded_for': '6.6.6.6' } })
+    expect(answer.status).toBe(200)
+    expect(answer.body).not.toContain('6.6.6.6')
+    expect(answer.body).toContain('header: HTTP_X_FORWARDED_FOR=127.0.0.1\n')
+  })
+})
+
 describe('clients that leave', () => {
   let vmcgi: Vmcgi
   beforeAll(async () => {
