@@ -337,6 +337,21 @@ describe('preflight', () => {
     expect(result.stderr).toMatch(/^vmcgi: config: vm\.accel: /)
   })
 
+  it('exits with status 2 naming listen.host when it is not a host', async () => {
+    const config = writeConfig({ listen: { host: 'not a host' }, preflight: { boot: false } })
+    const result = await execa('node', [mainJs, '--config', config], { reject: false, timeout: 30_000 })
+    expect(result.exitCode).toBe(2)
+    expect(result.stderr).toMatch(/^vmcgi: config: listen\.host: /)
+  })
+
+  it('exits with status 2 and QEMU\'s own reason when QEMU refuses the machine', async () => {
+    const config = writeConfig({ vm: { cpus: 64 } })
+    const result = await execa('node', [mainJs, '--config', config], { reject: false, timeout: 30_000 })
+    expect(result.exitCode).toBe(2)
+    expect(result.stderr).toMatch(/^vmcgi: config: vm: the guest did not boot: QEMU exited \(status 1\): qemu-system-aarch64: .*CPU/i)
+    expect(await allQemuProcesses()).toEqual([])
+  })
+
   it('exits with status 2 when the guest does not boot', async () => {
     // A kernel given as the initrd: QEMU starts, the guest never answers.
     const image = testImage()
