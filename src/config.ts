@@ -18,10 +18,17 @@ export interface Config {
     /** Absolute path of the QEMU system emulator. */
     readonly qemu: string
     readonly accel: AccelChoice
+    /** The -machine value, properties included (`virt,gic-version=2`). */
     readonly machine: string
+    /** The -cpu model; empty for vmcgi's choice (`max` under TCG, `host` under KVM and HVF). */
+    readonly cpu: string
     readonly kernel: string
+    /** Empty for a kernel that boots without one. */
     readonly initrd: string
+    /** The kernel's command line; empty for none. */
     readonly append: string
+    /** Appended to QEMU's arguments as they are, for what vmcgi has no field for. */
+    readonly extraArgs: readonly string[]
     readonly memoryMiB: number
     readonly cpus: number
     readonly guestPort: number
@@ -124,14 +131,16 @@ const schema = {
     vm: {
       type: 'object',
       additionalProperties: false,
-      required: ['kernel', 'initrd'],
+      required: ['kernel'],
       properties: {
         qemu: { type: 'string', minLength: 1, default: 'qemu-system-aarch64' },
         accel: { enum: ['auto', 'kvm', 'hvf', 'tcg'], default: 'auto' },
         machine: { type: 'string', minLength: 1, default: 'virt' },
         kernel: { type: 'string', minLength: 1 },
-        initrd: { type: 'string', minLength: 1 },
+        cpu: { type: 'string', pattern: '^[A-Za-z0-9][A-Za-z0-9._,=+-]*$|^$', default: '' },
+        initrd: { type: 'string', default: '' },
         append: { type: 'string', default: 'console=ttyAMA0 quiet' },
+        extraArgs: { type: 'array', items: { type: 'string' }, maxItems: 256, default: [] },
         memoryMiB: { type: 'integer', minimum: 16, maximum: 65536, default: 128 },
         cpus: { type: 'integer', minimum: 1, maximum: 64, default: 1 },
         guestPort: { type: 'integer', minimum: 1, maximum: 65535, default: 80 },
@@ -143,7 +152,8 @@ const schema = {
           default: {},
           properties: {
             enabled: { type: 'boolean', default: false },
-            dir: { type: 'string', minLength: 1, default: join(tmpdir(), 'vmcgi-snapshots') },
+            // A folder of this user's own (see vm/snapshot.ts): /tmp is everyone's.
+            dir: { type: 'string', minLength: 1, default: join(tmpdir(), `vmcgi-${process.getuid?.() ?? 'user'}`) },
             reseed: { type: 'boolean', default: true },
           },
         },
@@ -287,7 +297,8 @@ export function normalizeConfig(
 
   const vm = valid.vm as Writable<Config['vm']>
   vm.kernel = kernelFile('vm.kernel', resolve(baseDir, vm.kernel))
-  vm.initrd = readableFile('vm.initrd', resolve(baseDir, vm.initrd))
+  if (vm.initrd) vm.initrd = readableFile('vm.initrd', resolve(baseDir, vm.initrd))
+  vm.extraArgs = checkedExtraArgs(vm.extraArgs)
   vm.qemu = findExecutable('vm.qemu', vm.qemu, baseDir, env.PATH ?? '')
   const snapshot = vm.snapshot as Writable<Config['vm']['snapshot']>
   snapshot.dir = resolve(baseDir, snapshot.dir)
@@ -373,6 +384,27 @@ function readableFile(field: string, path: string): string {
   }
   if (!statSync(path).isFile()) throw new ConfigError(field, `not a regular file: ${path}`)
   return path
+}
+
+/**
+ * Options whose own copies vmcgi depends on: its network (the one forwarded
+ * port, restrict=on), its console, its sandbox, QMP for clones, and the
+ * kernel it was given. An extra one would replace or bypass them.
+ */
+const reservedOptions = new Set([
+  '-netdev', '-net', '-nic', '-chardev', '-serial', '-monitor', '-qmp', '-qmp-pretty', '-mon', '-sandbox',
+  '-kernel', '-initrd', '-append', '-incoming', '-daemonize', '-pidfile', '-runas', '-chroot', '-S',
+  '-machine', '-M', '-accel', '-cpu', '-m', '-smp', '-name', '-nodefaults', '-readconfig', '-writeconfig',
+])
+
+function checkedExtraArgs(args: readonly string[]): string[] {
+  for (const [index, arg] of args.entries()) {
+    const option = arg.startsWith('--') ? arg.slice(1) : arg
+    if (reservedOptions.has(option.split('=')[0]!)) {
+      throw new ConfigError(`vm.extraArgs.${index}`, `${arg} is set by vmcgi itself (use the vm field for it, if there is one)`)
+    }
+  }
+  return [...args]
 }
 
 /**

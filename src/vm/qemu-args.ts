@@ -15,8 +15,11 @@ export interface QemuArgsInput {
   /**
    * Clone mode: guest RAM lives in this file, shared (the template writes it)
    * or private copy-on-write (a clone reads it and never writes it back).
+   * `readonly`: QEMU opens the file read-only (readonly=on), and maps it
+   * writable all the same (rom=off, QEMU ≥ 8.2; before, readonly=on maps the
+   * guest's RAM read-only, so it is not asked for there).
    */
-  memoryFile?: { path: string; share: boolean }
+  memoryFile?: { path: string; share: boolean; readonly?: boolean }
   /** A unix socket for QMP, to pause, snapshot and restore. */
   qmpSocket?: string
   /** A clone: start waiting for the template's device state, sent over QMP's migrate-incoming. */
@@ -27,13 +30,16 @@ export const sandboxArgs = ['-sandbox', 'on,obsolete=deny,elevateprivileges=deny
 
 export function buildQemuArgs({ vm, accel, hostPort, sandbox, name, memoryFile, qmpSocket, incoming }: QemuArgsInput): string[] {
   // HVF on Apple silicon cannot map the high PCIe/GIC regions of a 40-bit+ address space.
-  let machine = accel === 'hvf' && vm.machine === 'virt' ? 'virt,highmem=off' : vm.machine
+  const [type, ...properties] = vm.machine.split(',')
+  let machine = accel === 'hvf' && type === 'virt' && !properties.some((property) => property.startsWith('highmem='))
+    ? `${vm.machine},highmem=off`
+    : vm.machine
   if (memoryFile) machine += ',memory-backend=mem0'
   return [
     '-name', name,
     '-machine', machine,
     '-accel', accel,
-    '-cpu', accel === 'tcg' ? 'max' : 'host',
+    '-cpu', vm.cpu || (accel === 'tcg' ? 'max' : 'host'),
     '-m', String(vm.memoryMiB),
     '-smp', String(vm.cpus),
     '-nodefaults',
@@ -41,8 +47,8 @@ export function buildQemuArgs({ vm, accel, hostPort, sandbox, name, memoryFile, 
     '-display', 'none',
     '-no-reboot',
     '-kernel', vm.kernel,
-    '-initrd', vm.initrd,
-    '-append', vm.append,
+    ...(vm.initrd ? ['-initrd', vm.initrd] : []),
+    ...(vm.append ? ['-append', vm.append] : []),
     // The serial console goes to stdout, where vmcgi keeps its tail; signal=off
     // so that a stray ^C on the console cannot stop QEMU.
     '-chardev', 'stdio,id=console,signal=off',
@@ -55,10 +61,11 @@ export function buildQemuArgs({ vm, accel, hostPort, sandbox, name, memoryFile, 
     '-object', 'rng-random,id=rng0,filename=/dev/urandom',
     '-device', 'virtio-rng-device,rng=rng0',
     ...(memoryFile
-      ? ['-object', `memory-backend-file,id=mem0,size=${vm.memoryMiB}M,mem-path=${memoryFile.path},share=${memoryFile.share ? 'on' : 'off'}`]
+      ? ['-object', `memory-backend-file,id=mem0,size=${vm.memoryMiB}M,mem-path=${memoryFile.path},share=${memoryFile.share ? 'on' : 'off'}${memoryFile.readonly ? ',readonly=on,rom=off' : ''}`]
       : []),
     ...(qmpSocket ? ['-qmp', `unix:${qmpSocket},server=on,wait=off`] : []),
     ...(incoming ? ['-incoming', 'defer'] : []),
     ...(sandbox ? sandboxArgs : []),
+    ...vm.extraArgs,
   ]
 }

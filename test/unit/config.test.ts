@@ -45,6 +45,17 @@ describe('normalizeConfig', () => {
       .toBe(images.kernel)
   })
 
+  it('takes a kernel-only guest: no initrd, an empty command line, a -cpu, and extra arguments, refusing those vmcgi sets', () => {
+    const images = fakeImageDir()
+    const load = (vm: Record<string, unknown>) => () => normalizeConfig({ vm: { kernel: images.kernel, qemu: images.qemu, ...vm } }, { baseDir: '/' })
+    const config = load({ append: '', cpu: 'neoverse-n1', extraArgs: ['-global', 'virtio-mmio.force-legacy=false'] })()
+    expect(config.vm.initrd).toBe('')
+    expect(config.vm.extraArgs).toEqual(['-global', 'virtio-mmio.force-legacy=false'])
+    expect(fieldOf(load({ extraArgs: ['-global', 'x=y', '-netdev', 'user,id=n1'] }))).toBe('vm.extraArgs.2')
+    expect(fieldOf(load({ extraArgs: [42] }))).toBe('vm.extraArgs.0')
+    expect(fieldOf(load({ cpu: 'max; rm -rf /' }))).toBe('vm.cpu')
+  })
+
   it('bounds VM counts and sizes by what the host can hold', () => {
     const images = fakeImageDir()
     const host = { cpus: 2, memoryMiB: 4096 }

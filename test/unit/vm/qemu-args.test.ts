@@ -78,4 +78,21 @@ describe('buildQemuArgs for snapshots and clones', () => {
     expect(args).toContain('memory-backend-file,id=mem0,size=128M,mem-path=/snap/ram,share=off')
     expect(valueOf(args, '-incoming')).toBe('defer')
   })
+
+  it('serves a kernel-only guest: a named -cpu, no -initrd, no -append, and extra arguments last', () => {
+    const { vm } = fakeConfig({ vm: { initrd: '', append: '', cpu: 'cortex-a72', machine: 'virt,gic-version=2', extraArgs: ['-global', 'virtio-mmio.force-legacy=false'] } })
+    const args = buildQemuArgs({ vm, accel: 'tcg', hostPort: 40000, sandbox: true, name: 'vm-1' })
+    expect(valueOf(args, '-cpu')).toBe('cortex-a72')
+    expect(valueOf(args, '-machine')).toBe('virt,gic-version=2')
+    expect(args).not.toContain('-initrd')
+    expect(args).not.toContain('-append')
+    expect(args.slice(-2)).toEqual(['-global', 'virtio-mmio.force-legacy=false'])
+  })
+
+  it('keeps machine properties under HVF, adding highmem=off unless it is given', () => {
+    const { vm } = fakeConfig({ vm: { machine: 'virt,gic-version=2' } })
+    expect(valueOf(buildQemuArgs({ vm, accel: 'hvf', hostPort: 40000, sandbox: false, name: 'vm-1' }), '-machine')).toBe('virt,gic-version=2,highmem=off')
+    const given = fakeConfig({ vm: { machine: 'virt,highmem=on' } }).vm
+    expect(valueOf(buildQemuArgs({ vm: given, accel: 'hvf', hostPort: 40000, sandbox: false, name: 'vm-1' }), '-machine')).toBe('virt,highmem=on')
+  })
 })
