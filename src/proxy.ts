@@ -192,8 +192,9 @@ export function forwardToVm(
   // The path alone: reply-from then takes the query from the request as it came.
   return reply.from(path, {
     getUpstream: () => vm.origin,
-    // reply-from retries GETs that get a 503 up to ten times: the guest's answer goes back once.
-    retryDelay: () => null,
+    // A guest's own answer, a 503 included, goes back once. Only a connection
+    // the guest dropped before answering is tried again (see resetRetryDelay).
+    retryDelay: ({ err, res, attempt }) => (res || !replayable(request) ? null : resetRetryDelay(err, attempt, exchange.deadline)),
     rewriteRequestHeaders: (_request, headers) => toGuestHeaders(headers, { ip: request.ip, proto: request.protocol, host }),
     rewriteHeaders: (headers) => {
       unframed = closeDelimited(headers)
@@ -216,6 +217,29 @@ export function forwardToVm(
       replying.send(unframed ? confirmEnd(res.stream, vm, exchange) : res.stream)
     },
   })
+}
+
+/**
+ * A small TCP stack (smoltcp's, say) has one listening socket and no backlog:
+ * while it serves one connection, or waits out one that a readiness probe
+ * opened and left, it resets the next. Such a reset, before any response
+ * byte, is worth another try for up to about two seconds. Only a request
+ * without a body is sent again: a streamed body cannot be replayed. The guest
+ * is a throwaway VM that reaches no network, so what a replay does stays in it.
+ */
+const resetRetryDelaysMs = [25, 50, 100, 200, 400, 600, 625]
+
+export function resetRetryDelay(error: (Error & { code?: string }) | undefined, attempt: number, deadline: number): number | null {
+  const code = error?.code ?? (error?.cause as { code?: string } | undefined)?.code
+  if (code !== 'UND_ERR_SOCKET' && code !== 'ECONNRESET') return null
+  const delay = resetRetryDelaysMs[attempt]
+  if (delay === undefined || performance.now() + delay >= deadline) return null
+  return delay
+}
+
+function replayable(request: FastifyRequest): boolean {
+  const length = request.headers['content-length']
+  return request.headers['transfer-encoding'] === undefined && (length === undefined || length === '0')
 }
 
 /** A body with neither a length nor chunks ends when the guest's connection closes (RFC 9112 §6.3). */

@@ -103,6 +103,32 @@ describe('buildServer', () => {
     expect(hits).toBe(1)
   })
 
+  it('tries a bodiless request again when the guest resets it before answering, as a one-socket stack does while busy', async () => {
+    let connections = 0
+    const { address } = await start('ok', (req, res) => {
+      if (++connections <= 2) return void req.socket.destroy()
+      echoGuest(req, res)
+    })
+    const res = await request(`${address}/again`)
+    expect(res.statusCode).toBe(200)
+    expect(res.headers['vmcgi-status']).toBe('OK')
+    expect(await res.body.json()).toMatchObject({ url: '/again' })
+    expect(connections).toBe(3)
+  })
+
+  it('does not send a request with a body again after a reset', async () => {
+    let connections = 0
+    const { address } = await start('ok', (req) => {
+      connections++
+      req.socket.destroy()
+    })
+    const res = await request(`${address}/cgi-bin/echo`, { method: 'POST', body: 'once' })
+    expect(res.statusCode).toBe(502)
+    expect(res.headers['vmcgi-status']).toBe('guest-unreachable')
+    await res.body.text()
+    expect(connections).toBe(1)
+  })
+
   it('answers 502 guest-unreachable when the guest drops the connection', async () => {
     const { address } = await start('ok', (req) => req.socket.destroy())
     const res = await request(`${address}/`)
