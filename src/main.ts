@@ -11,7 +11,7 @@ import { buildAdminServer } from './admin.js'
 import { Metrics } from './metrics.js'
 import { buildServer } from './server.js'
 import { preflightBoot, probeHost, type HostProbe } from './vm/host.js'
-import { prepareSnapshot } from './vm/snapshot.js'
+import { prepareClones } from './vm/snapshot.js'
 import { createQemuVmFactory } from './vm/vm.js'
 
 const usage = 'usage: vmcgi --config FILE [--host ADDR] [--port N]'
@@ -57,7 +57,8 @@ async function main(): Promise<void> {
   let host = await preflight(await probeHost(config))
   if (config.vm.snapshot.enabled) {
     // The preflight then boots a clone: the restore and the reseeding work.
-    host = await preflight({ ...host, snapshot: await prepareSnapshot(host, log) })
+    // A saved template whose clone fails is made once more.
+    host = await prepareClones(host, log, preflight)
   }
   const metrics = new Metrics()
   const app = await buildServer(config, { createVm: createQemuVmFactory(host), logger: log, metrics })

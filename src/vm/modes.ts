@@ -9,7 +9,7 @@
 // The template and clone code lives here together: what one saves, the other restores.
 
 import { randomBytes } from 'node:crypto'
-import { mkdtempSync, openSync, renameSync, rmSync } from 'node:fs'
+import { closeSync, mkdtempSync, openSync, renameSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { FastifyBaseLogger as Logger } from 'fastify'
@@ -19,10 +19,16 @@ import type { QemuProcess } from './qemu-process.js'
 import type { QemuArgsInput } from './qemu-args.js'
 import { Qmp, QmpError, waitForMigration } from './qmp.js'
 
-/** A booted guest saved once: RAM in a file, device state in another. */
+/**
+ * A booted guest saved once: RAM in a file, device state in another. From
+ * prepareSnapshot, on Linux, both paths are /proc/self/fd/N of descriptors
+ * vmcgi holds open from the moment it verified them (see snapshot.ts).
+ */
 export interface SnapshotFiles {
   ramPath: string
   statePath: string
+  /** QEMU opens the RAM file read-only and still maps it private and writable (readonly=on,rom=off, QEMU ≥ 8.2). */
+  readOnlyRam: boolean
 }
 
 /** One spawn attempt of a VM, as a mode's hooks see it. */
@@ -81,27 +87,53 @@ export function templateMode(files: SnapshotFiles, qmpSocket: string): StartMode
 /** A clone of the template, restored instead of booted, and reseeded unless `reseed` is false. */
 export function cloneMode(files: SnapshotFiles, { reseed }: { reseed: boolean }): StartMode {
   const qmpSocket = join(runtimeDir(), `${randomBytes(6).toString('hex')}.qmp`)
+  // QEMU opens the RAM file by its path. On Linux it is given its own
+  // descriptor on the file instead (its 4), and opens /proc/self/fd/4: the very
+  // file vmcgi verified, even if that path was removed or replaced since.
+  const ramPath = process.platform === 'linux' ? `/proc/self/fd/${ramFd}` : files.ramPath
   return {
     name: 'clone',
-    args: { memoryFile: { path: files.ramPath, share: false }, qmpSocket, incoming: true },
+    args: { memoryFile: { path: ramPath, share: false, readonly: files.readOnlyRam }, qmpSocket, incoming: true },
     sandbox: true,
-    // The device state, on descriptor 3 (restoreClone reads it from there).
-    openInherited: () => [openSync(files.statePath, 'r')],
+    // The device state on descriptor 3 (restoreClone reads it from there), the RAM file on 4.
+    openInherited: () => {
+      // Each opened anew: the state is read from its start, at an offset of this clone's own.
+      const state = openTemplateFile(files.statePath)
+      try {
+        return [state, openTemplateFile(files.ramPath)]
+      } catch (error) {
+        closeSync(state)
+        throw error
+      }
+    },
     restore: (attempt, signal) => restoreClone(qmpSocket, attempt, signal),
     reseed: reseed ? reseedGuest : () => undefined,
     release: () => rmSync(qmpSocket, { force: true }),
   }
 }
 
-/** A private folder for this process's QMP sockets. */
-let runtime: string | undefined
-function runtimeDir(): string {
-  runtime ??= mkdtempSync(join(tmpdir(), 'vmcgi-run-'))
-  return runtime
+/** A template file that cannot be opened fails the clone as one that could not be restored. */
+function openTemplateFile(path: string): number {
+  try {
+    return openSync(path, 'r')
+  } catch (error) {
+    throw new VmcgiError('RESTORE_FAILED', `the template's file ${path} cannot be opened: ${(error as Error).message}`, { cause: error })
+  }
 }
 
-/** The descriptor on which a clone's QEMU reads the template's device state: its first inherited one. */
+/** A private folder (mkdtemp makes it 0700) for this process's QMP sockets, removed when vmcgi exits. */
+let runtime: string | undefined
+function runtimeDir(): string {
+  if (runtime) return runtime
+  const dir = mkdtempSync(join(tmpdir(), 'vmcgi-run-'))
+  process.once('exit', () => rmSync(dir, { recursive: true, force: true }))
+  runtime = dir
+  return dir
+}
+
+/** The descriptors on which a clone's QEMU finds the template's device state and RAM: its inherited ones. */
 const stateFd = 3
+const ramFd = 4
 
 /**
  * Saves a booted template: its RAM is already in the shared file, so only the

@@ -67,26 +67,21 @@ export async function prepareClones(
   log: FastifyBaseLogger,
   preflight: (host: HostProbe) => HostProbe | Promise<HostProbe>,
 ): Promise<HostProbe> {
-  let template = await loadOrMakeTemplate(host, log)
-  try {
-    return await preflight({ ...host, snapshot: template.files })
-  } catch (error) {
-    if (!(error instanceof ConfigError) || template.made) throw cloneFailed(template.dir, error)
-    log.warn({ dir: template.dir, err: error }, 'a clone of the saved template did not boot; making the template again')
-    template.close()
-    rmSync(template.dir, { recursive: true, force: true })
-    template = await loadOrMakeTemplate(host, log)
+  for (;;) {
+    const template = await loadOrMakeTemplate(host, log)
+    try {
+      return await preflight({ ...host, snapshot: template.files })
+    } catch (error) {
+      // Not a ConfigError: vmcgi itself failed, not the clone.
+      if (!(error instanceof ConfigError)) throw error
+      template.close()
+      rmSync(template.dir, { recursive: true, force: true })
+      if (template.made) {
+        throw new ConfigError('vm.snapshot', `a clone of the template just made in ${template.dir} did not boot, and it was removed (${error.message})`)
+      }
+      log.warn({ dir: template.dir, err: error }, 'a clone of the saved template did not boot; making the template again')
+    }
   }
-  try {
-    return await preflight({ ...host, snapshot: template.files })
-  } catch (error) {
-    throw cloneFailed(template.dir, error)
-  }
-}
-
-function cloneFailed(dir: string, error: unknown): Error {
-  if (!(error instanceof ConfigError)) return error as Error
-  return new ConfigError('vm.snapshot', `a clone of the template just made in ${dir} did not boot (${error.message})`)
 }
 
 interface Template {

@@ -40,8 +40,9 @@ export function setUp(behaviour: string, overrides: Record<string, Record<string
     vm: { qemu: fakeQemu, append: `attempts=${attempts} ${behaviour}`, killGraceMs: 200, ...overrides.vm },
     readiness: { timeoutMs: 3_000, intervalMs: 10, attemptTimeoutMs: 100, ...overrides.readiness },
   })
-  const snapshot = clone ? { ramPath: join(dir, 'ram'), statePath: join(dir, 'state') } : undefined
+  const snapshot = clone ? { ramPath: join(dir, 'ram'), statePath: join(dir, 'state'), readOnlyRam: false } : undefined
   if (snapshot) writeFileSync(snapshot.statePath, 'template device state\n')
+  if (snapshot) writeFileSync(snapshot.ramPath, '')
   const env: VmEnvironment = { config, accel: { accel: 'tcg', reason: 'a test' }, sandbox: false, deathSignalPrefix: [], snapshot }
   const lines: Array<Record<string, unknown>> = []
   const log: FastifyBaseLogger = pino({ level: 'debug' }, { write: (line: string) => void lines.push(JSON.parse(line) as Record<string, unknown>) })
