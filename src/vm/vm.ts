@@ -205,7 +205,12 @@ export class QemuVm implements GuestVm {
   /** Starts QEMU on a fresh port, with a console of its own. Resolves once spawned. */
   async #spawn(): Promise<Attempt> {
     const { config, accel, sandbox, deathSignalPrefix } = this.#env
-    this.#port = await getPort({ host: '127.0.0.1' })
+    try {
+      this.#port = await getPort({ host: '127.0.0.1' })
+    } catch (error) {
+      // No descriptor left for get-port's probe socket (EMFILE), say.
+      throw new VmcgiError('SPAWN_FAILED', `no port could be chosen for QEMU: ${(error as Error).message}`, { cause: error })
+    }
     if (this.#stopping.signal.aborted) throw new VmcgiError('VM_EXITED', 'the VM was stopped before it started')
     const args = buildQemuArgs({
       vm: config.vm,

@@ -34,6 +34,8 @@ export interface SpawnOptions {
   listenTimeoutMs?: number
   /** Cancels the wait for the listener (vmcgi is then killed). */
   signal?: AbortSignal
+  /** Starts vmcgi with at most this many open descriptors (soft and hard RLIMIT_NOFILE, through prlimit). */
+  openFiles?: number
 }
 
 export interface VmcgiProcess {
@@ -58,10 +60,13 @@ const listeningMessage = /^Server listening at (\S+)/
 
 /** Starts `node dist/main.js --config configFile --port …` and resolves once the proxy listens. */
 export async function spawnVmcgi(configFile: string, options: SpawnOptions = {}): Promise<VmcgiProcess> {
-  const { stderr: stderrMode = 'pipe', listenTimeoutMs = 30_000, signal } = options
+  const { stderr: stderrMode = 'pipe', listenTimeoutMs = 30_000, signal, openFiles } = options
   signal?.throwIfAborted()
   const port = options.port ?? await getPort({ host: '127.0.0.1' })
-  const child = execa(process.execPath, [mainJs, '--config', configFile, '--port', String(port)], {
+  const argv = [process.execPath, mainJs, '--config', configFile, '--port', String(port)]
+  // prlimit execs the command, so that the child's pid is vmcgi's.
+  const [file, ...args] = openFiles === undefined ? argv : ['prlimit', `--nofile=${openFiles}:${openFiles}`, '--', ...argv]
+  const child = execa(file!, args, {
     reject: false, buffer: false, stdin: 'ignore', stdout: 'pipe', stderr: stderrMode,
   })
 
