@@ -194,7 +194,10 @@ export function forwardToVm(
     getUpstream: () => vm.origin,
     // A guest's own answer, a 503 included, goes back once. Only a connection
     // the guest dropped before answering is tried again (see resetRetryDelay).
-    retryDelay: ({ err, res, attempt }) => (res || !replayable(request) ? null : resetRetryDelay(err, attempt, exchange.deadline)),
+    // (reply-from's types say `res` is always there; it is undefined when the connection failed.)
+    retryDelay: ({ err, res, attempt }) => ((res as FastifyReply | undefined) !== undefined || !replayable(request)
+      ? null
+      : resetRetryDelay(err, attempt, exchange.deadline)),
     rewriteRequestHeaders: (_request, headers) => toGuestHeaders(headers, { ip: request.ip, proto: request.protocol, host }),
     rewriteHeaders: (headers) => {
       unframed = closeDelimited(headers)
