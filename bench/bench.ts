@@ -7,6 +7,8 @@
 //   pool      vmcgi with pool.size VMs booted ahead
 //   clone     vmcgi restoring a copy-on-write clone of a saved template
 //   direct    GET / to one guest that is already up: the floor
+//   silent    as cold, but vmcgi ignores the guest's ready line: a guest that
+//             prints nothing, served by HTTP probing alone (latency only)
 //
 // Every loop is bounded in count and time; every QEMU started here is killed.
 
@@ -226,8 +228,9 @@ async function main(): Promise<void> {
     })
     log('baseline done')
 
-    const modes: Array<{ name: string; overrides: Record<string, Record<string, unknown>>; poolSize: number }> = [
+    const modes: Array<{ name: string; overrides: Record<string, Record<string, unknown>>; poolSize: number; latencyOnly?: boolean }> = [
       { name: 'cold', overrides: {}, poolSize: 0 },
+      { name: 'silent', overrides: { readiness: { consoleLine: '' } }, poolSize: 0, latencyOnly: true },
       { name: 'pool', overrides: { pool: { size: 2 } }, poolSize: 2 },
       { name: 'clone', overrides: { vm: { snapshot: { enabled: true, dir: join(workDir, 'snapshots') } } }, poolSize: 0 },
     ]
@@ -237,7 +240,7 @@ async function main(): Promise<void> {
       try {
         const times = await latencies(() => vmcgiOnce(vmcgi), mode.poolSize ? () => waitForPool(vmcgi, mode.poolSize) : undefined)
         const result: CaseResult = { name: mode.name, p50: percentile(times, 50), p95: percentile(times, 95), rps: {}, failures: 0 }
-        for (const concurrency of concurrencies) {
+        for (const concurrency of mode.latencyOnly ? [] : concurrencies) {
           if (mode.poolSize) await waitForPool(vmcgi, mode.poolSize)
           const point = await throughput(vmcgi, concurrency)
           result.rps[concurrency] = point.rps
@@ -295,7 +298,8 @@ function report(results: CaseResult[], extra: { qemuVersion: string; directMemor
     + `clone RSS ${fmt(extra.cloneMemory?.rssMiB)} MiB (PSS ${fmt(extra.cloneMemory?.pssMiB)})`
   const machine = `${cpus()[0]?.model ?? 'unknown CPU'}, ${cores} cores, ${Math.round(totalmem() / 2 ** 30)} GiB`
   const header = `vmcgi bench: ${machine}; QEMU ${extra.qemuVersion}; accelerator ${accel.accel} (${accel.reason})`
-  console.log([header, '', ...lines, '', ...targetLines, '', memoryLine, `boot capacity: ${fmt(capacity, 2)} VMs/s`].join('\n'))
+  const silentLine = `a guest that prints no ready line: silent p50 / cold p50 = ${fmt(by.silent?.p50)} / ${fmt(by.cold?.p50)} = ${fmt((by.silent?.p50 ?? Number.NaN) / (by.cold?.p50 ?? Number.NaN), 2)}`
+  console.log([header, '', ...lines, '', ...targetLines, '', memoryLine, `boot capacity: ${fmt(capacity, 2)} VMs/s`, silentLine].join('\n'))
 
   const outDir = join(repo, 'bench/out')
   mkdirSync(outDir, { recursive: true })
