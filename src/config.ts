@@ -79,6 +79,12 @@ export interface Config {
   readonly limits: {
     /** VMs running at once; by default sized from the host's memory and CPUs. */
     readonly maxVms: number
+    /**
+     * Client connections held at once; one more is closed as soon as it is
+     * accepted. By default sized from the descriptor limit, with room for
+     * every VM's own descriptors.
+     */
+    readonly connections: number
     readonly queue: { readonly size: number; readonly maxWaitMs: number }
     readonly bodyLimitBytes: number
     /** Request bodies up to this size are read whole before a VM is taken; larger ones stream into it. */
@@ -208,6 +214,7 @@ const schema = {
       default: {},
       properties: {
         maxVms: positiveInt,
+        connections: positiveInt,
         queue: {
           type: 'object',
           additionalProperties: false,
@@ -293,7 +300,7 @@ export function normalizeConfig(
     throw variable ? new ConfigError(`${variable} (${error.field})`, error.message.slice(error.field.length + 2)) : error
   }
   // Valid, so shaped as a Config, except for the limits still to be sized for this host.
-  const valid = candidate as unknown as Omit<Config, 'limits'> & { limits: { maxVms?: number; queue: { size?: number } } }
+  const valid = candidate as unknown as Omit<Config, 'limits'> & { limits: { maxVms?: number; connections?: number; queue: { size?: number } } }
 
   const vm = valid.vm as Writable<Config['vm']>
   vm.kernel = kernelFile('vm.kernel', resolve(baseDir, vm.kernel))
@@ -305,6 +312,7 @@ export function normalizeConfig(
   const { limits } = valid
   limits.maxVms ??= defaultMaxVms(vm.memoryMiB, host)
   limits.queue.size ??= limits.maxVms * 4
+  limits.connections ??= defaultConnections(host.openFiles, limits.maxVms + valid.pool.size)
   // What the host can hold: every VM, pooled or serving, with all its memory.
   if (vm.memoryMiB > host.memoryMiB) {
     throw new ConfigError('vm.memoryMiB', `${vm.memoryMiB} MiB is more than this host's ${host.memoryMiB} MiB`)
@@ -344,10 +352,41 @@ function setField(target: Record<string, unknown>, field: string, value: unknown
 export interface HostSize {
   cpus: number
   memoryMiB: number
+  /** How many descriptors vmcgi may have open (the soft RLIMIT_NOFILE); undefined where that cannot be told. */
+  openFiles?: number
 }
 
 function hostSize(): HostSize {
-  return { cpus: availableParallelism(), memoryMiB: Math.floor(totalmem() / 2 ** 20) }
+  return { cpus: availableParallelism(), memoryMiB: Math.floor(totalmem() / 2 ** 20), openFiles: openFileLimit() }
+}
+
+/** The soft limit on open descriptors, from /proc/self/limits (Linux); Node has raised it to the hard limit already. */
+function openFileLimit(): number | undefined {
+  try {
+    const soft = /^Max open files\s+(\d+)\s/m.exec(readFileSync('/proc/self/limits', 'latin1'))?.[1]
+    return soft === undefined ? undefined : Number(soft)
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * What vmcgi itself holds (stdio, the event loop's, its listeners, log and
+ * /proc reads), and what each VM holds while it boots and serves: QEMU's
+ * stdio pipes, up to 33 readiness probes, the connection into the guest, QMP,
+ * a warm-up request, get-port's probe, and the pipes a spawn makes for a moment.
+ */
+const ownDescriptors = 32
+const descriptorsPerVm = 48
+
+/**
+ * Connections that leave every VM (serving or pooled) its descriptors, so that
+ * idle clients cannot starve a boot of them; at least one per VM; 1024 where
+ * the limit is unknown.
+ */
+export function defaultConnections(openFiles: number | undefined, vms: number): number {
+  if (openFiles === undefined) return 1024
+  return Math.max(vms, openFiles - ownDescriptors - descriptorsPerVm * vms)
 }
 
 /**

@@ -51,6 +51,10 @@ export async function buildServer(config: Config, deps: ServerDeps): Promise<Fas
     // A URL the router cannot decode (/%ZZ), answered like every other failure.
     frameworkErrors: (error, request, reply) => sendFailure(request, reply, error),
   }) as unknown as FastifyInstance
+  // Past limits.connections Node closes each new connection as soon as it is
+  // accepted, so that idle clients cannot take the descriptors VMs need.
+  app.server.maxConnections = config.limits.connections
+  app.server.on('drop', (peer) => app.log.warn({ remoteAddress: peer?.remoteAddress, connections: config.limits.connections }, 'connection dropped: limits.connections reached'))
 
   // One Agent for all VMs: each VM is a new origin, and undici (≥ 7.15) drops
   // the origin's pool once its sockets close, which they do when the VM dies.
