@@ -2,11 +2,11 @@
 // clones of a saved template. Real CLI, real QEMU, real guest.
 
 import { createHash } from 'node:crypto'
-import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
 import { request } from 'undici'
-import { afterAll, describe, expect, it } from 'vitest'
+import { afterAll, describe, expect, it, onTestFinished } from 'vitest'
 import { execa } from 'execa'
 import { allQemuProcesses, bootTime, expectNoVms, mainJs, startVmcgi, testImage, writeConfig, type Vmcgi } from './harness.js'
 
@@ -23,6 +23,16 @@ async function poolHolds(vmcgi: Vmcgi, count: number): Promise<void> {
 
 const idOf = (body: string) => /^id: ([0-9a-f]{32})$/m.exec(body)?.[1]
 const waitOf = (timing: unknown) => Number(/wait;dur=([\d.]+)/.exec(String(timing))?.[1])
+
+/** The folders of the QMP sockets this vmcgi's QEMUs were given, from its debug log. */
+const qmpFoldersOf = (vmcgi: Vmcgi) => [...new Set(vmcgi.logLines()
+  .filter((line) => line.msg === 'QEMU spawned')
+  .map((line) => /^unix:([^,]+)/.exec(String((line.argv as string[])[(line.argv as string[]).indexOf('-qmp') + 1]))?.[1])
+  .filter((path): path is string => path !== undefined)
+  .map((path) => dirname(path)))]
+
+/** The template folder this vmcgi made or reused, from its log. */
+const templateOf = (vmcgi: Vmcgi) => String(vmcgi.logLines().find((line) => line.msg === 'saved the template' || line.msg === 'reusing the saved template')?.dir)
 
 const snapshotDir = mkdtempSync(join(tmpdir(), 'vmcgi-e2e-snapshots-'))
 afterAll(async () => {
@@ -147,30 +157,101 @@ describe('clones with a pool', () => {
     await vmcgi.stop()
   })
 
-  it('makes a new template when the VM settings change', async () => {
-    const before = readdirSync(snapshotDir).filter((name) => !name.endsWith('.partial'))
+  it('makes a new template when the VM settings change, and removes the old one, which no vmcgi uses', async () => {
+    const before = readdirSync(snapshotDir).filter((name) => /^[0-9a-f]{16}$/.test(name))
+    expect(before).toHaveLength(1)
     const vmcgi = await startVmcgi({ vm: { memoryMiB: 96, snapshot: { enabled: true, dir: snapshotDir } } })
-    const after = readdirSync(snapshotDir).filter((name) => !name.endsWith('.partial'))
-    expect(after.length).toBe(before.length + 1)
+    const after = readdirSync(snapshotDir).filter((name) => /^[0-9a-f]{16}$/.test(name))
+    expect(after).toHaveLength(1)
+    expect(after).not.toEqual(before)
+    expect(vmcgi.logLines().filter((line) => line.msg === 'removed a template no vmcgi uses')).toMatchObject([{ dir: join(snapshotDir, before[0]!) }])
     expect((await get(vmcgi, '/cgi-bin/id')).status).toBe(200)
     await vmcgi.stop()
   })
 })
 
 describe('templates that cannot be used', () => {
-  it('makes the template again when one of its files is gone', async () => {
-    const settings = { vm: { snapshot: { enabled: true, dir: snapshotDir } } }
+  const settings = { vm: { snapshot: { enabled: true, dir: snapshotDir } } }
+
+  it('makes the template again when one of its files is gone, or does not match its checksum, saying which folder', async () => {
     const first = await startVmcgi(settings)
     await first.stop()
-    const [key] = readdirSync(snapshotDir).filter((name) => first.logLines().some((line) => String(line.dir).endsWith(name)))
-    expect(key).toBeTruthy()
-    rmSync(join(snapshotDir, key!, 'state'))
+    const template = templateOf(first)
+    expect(existsSync(template)).toBe(true)
+    rmSync(join(template, 'state'))
 
     const second = await startVmcgi(settings)
     expect(second.logLines().some((line) => line.msg === 'saved the template')).toBe(true)
-    expect(readdirSync(join(snapshotDir, key!)).sort()).toEqual(['ram', 'state'])
     expect((await get(second, '/cgi-bin/id')).status).toBe(200)
     await second.stop()
+    expect(readdirSync(template).sort()).toEqual(['manifest.json', 'ram', 'state'])
+
+    // Damaged the way a full disk or a stray write would: QEMU itself would grow
+    // the empty RAM file back to zeros, and the clone would not boot.
+    truncateSync(join(template, 'ram'), 0)
+    writeFileSync(join(template, 'state'), 'not a device state')
+    const third = await startVmcgi(settings)
+    expect(third.logLines().filter((line) => line.msg === 'the saved template is damaged; making it again')).toMatchObject([{ dir: template }])
+    expect(third.logLines().some((line) => line.msg === 'saved the template')).toBe(true)
+    expect((await get(third, '/cgi-bin/id')).status).toBe(200)
+    await third.stop()
+  })
+
+  it('goes on serving clones when the template\'s files are removed while it runs, as a cleaner of temporary folders would', async () => {
+    const vmcgi = await startVmcgi(settings)
+    const template = templateOf(vmcgi)
+    rmSync(join(template, 'state'))
+    rmSync(join(template, 'ram'))
+    for (let request = 0; request < 2; request++) {
+      const answer = await get(vmcgi, '/cgi-bin/id')
+      expect(answer.status).toBe(200)
+      expect(answer.headers['vmcgi-status']).toBe('OK')
+    }
+    expect((await get(vmcgi, '/up')).status).toBe(200)
+    await vmcgi.stop()
+  })
+
+  it('removes the folder of its QMP sockets when it exits', async () => {
+    const vmcgi = await startVmcgi(settings)
+    expect((await get(vmcgi, '/cgi-bin/id')).status).toBe(200)
+    const folders = qmpFoldersOf(vmcgi)
+    expect(folders.length).toBeGreaterThan(0)
+    await vmcgi.stop()
+    expect(folders.filter((folder) => existsSync(folder))).toEqual([])
+  })
+
+  it('exits with status 2 naming vm.snapshot.dir when the folder is open to other users', async () => {
+    const open = join(snapshotDir, 'open-to-all')
+    mkdirSync(open)
+    chmodSync(open, 0o777)
+    const config = writeConfig({ vm: { snapshot: { enabled: true, dir: open } } })
+    const result = await execa('node', [mainJs, '--config', config], { reject: false, timeout: 60_000 })
+    expect(result.exitCode).toBe(2)
+    expect(result.stderr).toMatch(/^vmcgi: config: vm\.snapshot\.dir: /)
+    expect(readdirSync(open)).toEqual([])
+    expect(await allQemuProcesses()).toEqual([])
+  })
+
+  // A tmpfs of its own, so that it can be filled; mounting one takes root.
+  it.skipIf(process.getuid?.() !== 0)('serves clones from a template on a tmpfs that is then filled up: its RAM file has all its room', async () => {
+    const mountPoint = mkdtempSync(join(tmpdir(), 'vmcgi-e2e-tmpfs-'))
+    await execa('mount', ['-t', 'tmpfs', '-o', 'size=160m,mode=0700', 'tmpfs', mountPoint])
+    onTestFinished(async () => {
+      await execa('umount', [mountPoint], { reject: false })
+      rmSync(mountPoint, { recursive: true, force: true })
+    })
+    const vmcgi = await startVmcgi({ vm: { snapshot: { enabled: true, dir: mountPoint } } })
+    const ram = statSync(join(templateOf(vmcgi), 'ram'))
+    expect(ram.blocks * 512).toBeGreaterThanOrEqual(ram.size)
+    // What is left goes to a filler file, until the tmpfs is full.
+    try {
+      for (const chunk = Buffer.alloc(1 << 20, 1); ;) writeFileSync(join(mountPoint, 'filler'), chunk, { flag: 'a' })
+    } catch (error) {
+      expect((error as NodeJS.ErrnoException).code).toBe('ENOSPC')
+    }
+    const answers = [await get(vmcgi, '/cgi-bin/id'), await get(vmcgi, '/cgi-bin/id')]
+    expect(answers.map((answer) => [answer.status, answer.headers['vmcgi-status']])).toEqual([[200, 'OK'], [200, 'OK']])
+    await vmcgi.stop()
   })
 
   it('exits with status 2 naming vm.snapshot.dir when the template cannot be made there', async () => {
