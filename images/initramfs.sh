@@ -13,7 +13,7 @@
 # agent, the kernel source (its usr/gen_init_cpio.c writes the archive) and
 # every file of the sites with its mode. Unchanged inputs make a rerun a no-op.
 set -Eeuo pipefail
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 USAGE="[--arch aarch64|x86_64] [--site DIR]... [--out DIR] [--kernel-source linux-source-X.Y|TARBALL]"

@@ -13,7 +13,7 @@
 # and the compiler's name and version. (lib.sh only chooses the source and
 # the compiler; see there.) The initramfs recipe is not in it.
 set -Eeuo pipefail
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 USAGE="[--arch aarch64|x86_64] [--out DIR] [--kernel-source linux-source-X.Y|TARBALL]"
@@ -27,10 +27,6 @@ case "$ARCH" in
     x86_64) KARCH=x86_64 KTARGET=bzImage KIMAGE=arch/x86/boot/bzImage ;;
 esac
 FRAGMENTS=("$IMAGES_DIR/kernel.config" "$IMAGES_DIR/kernel-$ARCH.config")
-# An option is set in one fragment only: merge_config.sh would let the second
-# override the first, and the check after olddefconfig would then fail.
-dups=$(cat "${FRAGMENTS[@]}" | sed -nE 's/^(# )?(CONFIG_[A-Za-z0-9_]+)[= ].*/\2/p' | sort | uniq -d)
-[ -z "$dups" ] || fail "option(s) set in more than one fragment: $dups"
 
 # ---------------------------------------------------------------- tools
 step "checking kernel tools"
@@ -73,6 +69,10 @@ mkdir -p "$KBUILD"
 kmake() { make -C "$KSRC" O="$KBUILD" ARCH="$KARCH" CROSS_COMPILE="$CROSS" "$@"; }
 
 step "configuring kernel"
+# An option is set in one fragment only: merge_config.sh would let the second
+# override the first, and the check after olddefconfig would then fail.
+dups=$(cat "${FRAGMENTS[@]}" | sed -nE 's/^(# )?(CONFIG_[A-Za-z0-9_]+)[= ].*/\2/p' | sort | uniq -d)
+[ -z "$dups" ] || fail "option(s) set in more than one fragment: $dups"
 : >"$KLOG"
 if ! { kmake tinyconfig &&
     "$KSRC/scripts/kconfig/merge_config.sh" -m -O "$KBUILD" "$KBUILD/.config" "${FRAGMENTS[@]}" &&
@@ -98,7 +98,7 @@ done
 if [ ${#bad[@]} -gt 0 ]; then
     for b in "${bad[@]}"; do
         opt=${b#*: }; opt=${opt#\# }; opt=${opt%%[= ]*}
-        echo "images: ${b%%: *} wants '${b#*: }' but .config has: $(grep -E "^(# )?$opt[= ]" "$KBUILD/.config" || echo "(not present: unmet dependency?)")" >&2
+        echo "images: ${b%%: *} wants '${b#*: }' but .config has: $(grep -E "^(# )?${opt}[= ]" "$KBUILD/.config" || echo "(not present: unmet dependency?)")" >&2
     done
     fail "kernel option(s) missing after olddefconfig: ${bad[*]}"
 fi

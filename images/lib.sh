@@ -1,4 +1,5 @@
 # What kernel.sh and initramfs.sh share (sourced, not run): arguments, architectures, errors, packages, kernel source, compiler.
+# shellcheck shell=bash
 #
 # This file only decides values: the guest architecture, the compiler, the
 # kernel source. The recipe that uses one hashes it (the compiler with its
@@ -149,8 +150,9 @@ ensure_packages() {
         download=$2
         shift 2
     fi
-    command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 ||
+    if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
         fail "this script needs a Debian-based system (dpkg, apt-get)"
+    fi
     for p in "$@"; do
         pkg_installed "$p" || missing+=("$p")
     done
