@@ -8,9 +8,10 @@
 
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import { performance } from 'node:perf_hooks'
-import { Readable, Transform } from 'node:stream'
+import { Transform, type Readable } from 'node:stream'
 import fp from 'fastify-plugin'
 import { VmcgiError } from '../errors.js'
+import { SpooledBody, SpoolFolder } from './body-spool.js'
 import type { Exchange } from './exchange.js'
 
 export interface RequestBodyOptions {
@@ -36,6 +37,8 @@ export const requestBody = fp<RequestBodyOptions>(async (app, options) => {
   })
 
   let held = 0
+  const spool = new SpoolFolder()
+  app.addHook('onClose', async () => spool.removeAll())
   app.removeAllContentTypeParsers()
   app.addContentTypeParser('*', (request, payload, done) => {
     const exchange = request.exchange!
@@ -53,34 +56,39 @@ export const requestBody = fp<RequestBodyOptions>(async (app, options) => {
     }
     held += claim
     const totalMs = exchange.arrived + options.totalMs - performance.now()
-    exchange.readBody((signal) => readUpTo(payload, { limitBytes, idleMs: options.idleMs, totalMs, signal }))
+    // Past bufferBytes, a chunked body goes to a file: memory holds bufferBytes a body at most.
+    const body = new SpooledBody(bufferBytes, spool)
+    exchange.onClosed(() => body.dispose())
+    exchange.readBody((signal) => readUpTo(payload, body, { limitBytes, idleMs: options.idleMs, totalMs, signal }))
       .finally(() => (held -= claim))
-      .then((body) => {
+      .then(async () => {
         // From here on the body has a length, and the guest is told it.
         request.headers['content-length'] = String(body.length)
-        done(null, Readable.from([body]))
-      }, (error: unknown) => done(error as Error))
+        done(null, await body.open())
+      })
+      .catch((error: unknown) => done(error as Error))
   })
 }, { name: 'vmcgi-request-body', dependencies: ['vmcgi-exchange'] })
 
 const clientTimeout = (message: string) => new VmcgiError('CLIENT_TIMEOUT', message)
 
 /**
- * Reads a whole body, failing with BODY_TOO_LARGE once it grows past
- * `limitBytes`, with CLIENT_TIMEOUT when it is silent for `idleMs` or not in
- * within `totalMs`, or with the signal's reason. The stream is left paused, not
- * destroyed, so that the answer still reaches the client; Node closes the
+ * Reads a whole body into `into`, failing with BODY_TOO_LARGE once it grows
+ * past `limitBytes`, with CLIENT_TIMEOUT when it is silent for `idleMs` or not
+ * in within `totalMs`, or with the signal's reason. The stream is left paused,
+ * not destroyed, so that the answer still reaches the client; Node closes the
  * connection after it.
  */
-export function readUpTo(body: Readable, { limitBytes, idleMs, totalMs, signal }: {
+export function readUpTo(body: Readable, into: SpooledBody, { limitBytes, idleMs, totalMs, signal }: {
   limitBytes: number
   idleMs: number
   totalMs: number
   signal: AbortSignal
-}): Promise<Buffer> {
+}): Promise<void> {
   return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = []
     let length = 0
+    let failed = false
+    let writing = Promise.resolve()
     const settle = () => {
       clearTimeout(idle)
       clearTimeout(total)
@@ -88,6 +96,8 @@ export function readUpTo(body: Readable, { limitBytes, idleMs, totalMs, signal }
       body.off('data', onData)
     }
     const fail = (error: unknown) => {
+      if (failed) return
+      failed = true
       settle()
       body.pause()
       reject(error)
@@ -96,8 +106,10 @@ export function readUpTo(body: Readable, { limitBytes, idleMs, totalMs, signal }
     const onData = (chunk: Buffer) => {
       idle.refresh()
       length += chunk.length
-      if (length <= limitBytes) return void chunks.push(chunk)
-      fail(new VmcgiError('BODY_TOO_LARGE', `the body is over ${limitBytes} bytes`))
+      if (length > limitBytes) return fail(new VmcgiError('BODY_TOO_LARGE', `the body is over ${limitBytes} bytes`))
+      // One write at a time; the client waits while the disk does.
+      body.pause()
+      writing = writing.then(() => into.append(chunk)).then(() => void (failed || body.resume()), fail)
     }
     const idle = setTimeout(() => fail(clientTimeout(`the request body was silent for ${idleMs} ms`)), idleMs)
     const total = setTimeout(() => fail(clientTimeout(`the request body did not arrive within ${totalMs} ms`)), Math.max(0, totalMs))
@@ -106,7 +118,7 @@ export function readUpTo(body: Readable, { limitBytes, idleMs, totalMs, signal }
     body.on('data', onData)
     body.once('end', () => {
       settle()
-      resolve(Buffer.concat(chunks))
+      void writing.then(() => failed || resolve(), fail)
     })
     body.once('error', fail)
   })

@@ -190,6 +190,15 @@ describe('buildServer', () => {
     expect(seen.headers['transfer-encoding']).toBeUndefined()
   })
 
+  it('sends a chunked body larger than limits.bodyBufferBytes on whole, from a file', async () => {
+    const { address } = await start('ok', echoGuest, { limits: { bodyBufferBytes: 1024 } })
+    const parts = Array.from({ length: 40 }, (_, i) => Buffer.alloc(5_000, 97 + (i % 26)))
+    const res = await request(`${address}/cgi-bin/echo`, { method: 'POST', body: Readable.from(parts) })
+    const seen = (await res.body.json()) as { headers: Record<string, string>; body: string }
+    expect(seen.headers['content-length']).toBe('200000')
+    expect(seen.body).toBe(Buffer.concat(parts).toString())
+  })
+
   it('refuses a chunked body that grows past the limit with 413 before any VM boots', async () => {
     const { address, vms } = await start('ok', echoGuest, { limits: { bodyLimitBytes: 1000 } })
     const chunks = Readable.from(Array.from({ length: 10 }, () => Buffer.alloc(500, 'x')))
