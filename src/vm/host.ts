@@ -1,7 +1,8 @@
 // What this host's QEMU can do, found out once at start: the version, whether
 // -sandbox is built in, which accelerator to use, and how to make QEMU die
-// together with vmcgi.
+// together with vmcgi (through a keeper when vm.qemu is a wrapper script).
 
+import { closeSync, openSync, readSync } from 'node:fs'
 import { execa } from 'execa'
 import type { Config } from '../config.js'
 import { ConfigError } from '../errors.js'
@@ -36,7 +37,7 @@ export async function probeHost(config: Config): Promise<HostProbe> {
     qemuVersion,
     sandbox: /^-sandbox\b/m.test(help.stdout),
     accel,
-    deathSignalPrefix: await deathSignalPrefix(),
+    ...await qemuLauncher(config.vm.qemu),
   }
 }
 
@@ -84,9 +85,42 @@ function acceleratorProblem(accel: Accel, guest: GuestArch, facts: HostFacts): s
  * On Linux, util-linux's setpriv sets PR_SET_PDEATHSIG before it execs QEMU, so
  * the kernel kills QEMU when vmcgi dies, even by SIGKILL. Elsewhere QEMU is
  * killed on vmcgi's normal exit only.
+ *
+ * The death signal is not inherited across fork, so a wrapper script that does
+ * not exec QEMU would leave QEMU running: a script is started by the keeper
+ * instead, which is given the death signal and kills its whole process group
+ * when it arrives.
  */
-async function deathSignalPrefix(): Promise<string[]> {
-  if (process.platform !== 'linux') return []
+async function qemuLauncher(qemu: string): Promise<{ deathSignalPrefix: string[]; keeper: boolean }> {
+  if (process.platform !== 'linux') return { deathSignalPrefix: [], keeper: false }
   const probe = await execa('setpriv', ['--pdeathsig', 'KILL', '--', 'true'], { reject: false, timeout: 5_000 })
-  return probe.failed ? [] : ['setpriv', '--pdeathsig', 'KILL', '--']
+  if (probe.failed) return { deathSignalPrefix: [], keeper: false }
+  if (isScript(qemu)) return { deathSignalPrefix: [...keeperPrefix], keeper: true }
+  return { deathSignalPrefix: ['setpriv', '--pdeathsig', 'KILL', '--'], keeper: false }
+}
+
+/**
+ * A shell that leads QEMU's process group (QemuProcess spawns it detached),
+ * starts the wrapper and passes its exit status on. SIGHUP, its death signal
+ * and a signal vmcgi sends no group, kills the group. A background job's
+ * stdin would be /dev/null (POSIX, even with `<&0`), so it is passed through
+ * descriptor 9; 3, 4, … are QEMU's inherited descriptors.
+ */
+export const keeperPrefix: readonly string[] = [
+  'setpriv', '--pdeathsig', 'HUP', '--',
+  'sh', '-c', 'trap "kill -KILL 0" HUP; exec 9<&0; "$@" <&9 9<&- & exec 9<&-; wait $!', 'vmcgi-qemu',
+]
+
+/** Whether `file` starts with #!, read once at start. */
+function isScript(file: string): boolean {
+  const start = Buffer.alloc(2)
+  let fd: number | undefined
+  try {
+    fd = openSync(file, 'r')
+    return readSync(fd, start, 0, 2, 0) === 2 && start.toString('latin1') === '#!'
+  } catch {
+    return false
+  } finally {
+    if (fd !== undefined) closeSync(fd)
+  }
 }

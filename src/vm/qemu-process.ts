@@ -6,6 +6,13 @@
 // program, no descriptor left) is an exit too, with SPAWN_FAILED: nothing is
 // thrown and no 'error' event goes unhandled.
 //
+// The process leads a process group of its own, and signals go to the whole
+// group: a vm.qemu that is a wrapper script which does not exec QEMU makes
+// QEMU a grandchild, which a signal to the child alone would not reach. Once
+// the child has exited, or has been sent SIGKILL, `exited` waits at most
+// reapMs more for its stdio to close, since a process that left the group
+// may hold it open for ever.
+//
 // Not execa: after a spawn that fails with EMFILE or ENFILE, Node's child has
 // no stdio at all (nodejs/node#14166), and execa 9.6.1 then throws from
 // `[...subprocess.stdio]` and leaves the child's 'error' event unhandled, which
@@ -13,14 +20,16 @@
 
 import { spawn, type ChildProcess } from 'node:child_process'
 import { closeSync } from 'node:fs'
-import { readFile } from 'node:fs/promises'
 import { performance } from 'node:perf_hooks'
 import { Readable, Writable } from 'node:stream'
 import type { FastifyBaseLogger as Logger } from 'fastify'
 import { VmcgiError } from '../errors.js'
+import { groupMembers, isLive, readStat, signalGroup } from './process-group.js'
 import { Tail } from './tail.js'
 
 const stderrTailBytes = 4096
+/** After the child's exit or a SIGKILL to its group, how long `exited` waits for its stdio to close. */
+const reapMs = 1_000
 
 export interface SpawnOptions {
   /** The program, then its arguments (a death-signal prefix first, if any). */
@@ -32,6 +41,11 @@ export interface SpawnOptions {
    * copies once QEMU has been spawned with them (or could not be).
    */
   inherit?: readonly number[]
+  /**
+   * The program is a keeper (host.ts) that starts a wrapper script and waits
+   * for it, rather than QEMU: QEMU is another process of its group.
+   */
+  keeper?: boolean
   log: Logger
 }
 
@@ -43,10 +57,15 @@ function killOnExit(child: ChildProcess): void {
   if (!killsOnExit) {
     killsOnExit = true
     process.on('exit', () => {
-      for (const each of unreaped) each.kill('SIGKILL')
+      for (const each of unreaped) if (each.pid !== undefined) signalGroup(each.pid, 'SIGKILL')
     })
   }
   unreaped.add(child)
+}
+
+interface ExitStatus {
+  exitCode: number | null
+  signal: NodeJS.Signals | null
 }
 
 export class QemuProcess {
@@ -57,30 +76,46 @@ export class QemuProcess {
   #exit = new AbortController()
   #killGraceMs: number
   #forceKill: NodeJS.Timeout | undefined
+  /** Ends the wait for the stdio to close, reapMs after the child's exit or a SIGKILL. */
+  #giveUp: NodeJS.Timeout | undefined
+  #keeper: boolean
+  #log: Logger
+  /** The child's exit status and signal, once it has exited. */
+  #exitStatus: ExitStatus | undefined
+  #end: (reason: VmcgiError) => void
   #spawnMs = 0
   /** Resolves once QEMU is reaped (or could not be started), with why it ended. */
   readonly exited: Promise<VmcgiError>
 
   /** Spawns QEMU. */
-  constructor({ argv, killGraceMs, inherit = [], log }: SpawnOptions) {
+  constructor({ argv, killGraceMs, inherit = [], keeper = false, log }: SpawnOptions) {
     const [file, ...args] = argv
     this.#killGraceMs = Math.max(1, killGraceMs)
+    this.#keeper = keeper
+    this.#log = log
     let settle!: (reason: VmcgiError) => void
     this.exited = new Promise((resolve) => (settle = resolve))
-    const end = (reason: VmcgiError) => {
+    const end = (this.#end = (reason: VmcgiError) => {
       if (this.#exit.signal.aborted) return
       clearTimeout(this.#forceKill)
-      if (this.#child) unreaped.delete(this.#child)
+      clearTimeout(this.#giveUp)
+      const child = this.#child
+      if (child?.pid !== undefined) {
+        // What is left of the group (a process of a wrapper that holds no stdio) ends with it.
+        signalGroup(child.pid, 'SIGKILL')
+        unreaped.delete(child)
+      }
       this.#exit.abort(reason)
       settle(reason)
-    }
+    })
     const couldNotStart = (error: unknown) => {
       log.debug({ err: error }, 'QEMU could not be started')
       end(new VmcgiError('SPAWN_FAILED', `QEMU could not be started: ${(error as Error).message}`, { cause: error }))
     }
 
     try {
-      this.#child = spawn(file, args, { stdio: ['pipe', 'pipe', 'pipe', ...inherit] })
+      // detached: the child leads a new process group (and session), so that the group can be signalled.
+      this.#child = spawn(file, args, { stdio: ['pipe', 'pipe', 'pipe', ...inherit], detached: true })
     } catch (error) {
       // Most failures are told by 'error' below; a few (E2BIG, say) are thrown.
       couldNotStart(error)
@@ -109,13 +144,18 @@ export class QemuProcess {
     // A write into a QEMU that died, and the like: its exit says what happened.
     for (const stream of [child.stdin, child.stdout, child.stderr]) stream?.on('error', () => {})
     child.stderr?.on('data', (chunk: Buffer) => this.#stderr.push(chunk))
+    // 'exit' comes first; what the child started may still run, and hold its stdio.
+    child.once('exit', (exitCode: number | null, signal: NodeJS.Signals | null) => {
+      if (!spawned) return
+      this.#exitStatus = { exitCode, signal }
+      // Within a SIGTERM's grace the rest of the group may still be exiting; otherwise it ends now.
+      if (this.#forceKill === undefined) this.#killGroup()
+    })
     // 'close': exited, and its stderr read to the end, so that its last line is known.
     child.once('close', (exitCode: number | null, signal: NodeJS.Signals | null) => {
       if (!spawned) return
       log.debug({ exitCode, signal }, 'QEMU exited')
-      // QEMU says why it refused to start (too many CPUs, too much memory) on its last stderr line.
-      const said = this.#stderr.text().trim().split('\n').at(-1)
-      end(new VmcgiError('VM_EXITED', `QEMU exited (${signal ?? `status ${exitCode}`})${said ? `: ${said}` : ''}`))
+      end(this.#exitReason({ exitCode, signal }))
     })
     log.debug({ argv }, 'QEMU spawned')
   }
@@ -152,17 +192,13 @@ export class QemuProcess {
    * only the reaping tells.
    */
   async isRunning(): Promise<boolean> {
-    if (this.#exit.signal.aborted || this.pid === undefined) return false
+    const pid = this.pid
+    if (this.#exit.signal.aborted || pid === undefined) return false
     if (process.platform !== 'linux') return true
-    try {
-      const stat = await readFile(`/proc/${this.pid}/stat`, 'latin1')
-      // pid (comm) state …: comm may hold spaces and parentheses, the state follows the last ')'.
-      const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3)
-      // Z and X: dead, not yet reaped; T: stopped by a signal (SIGSTOP), and answering nothing.
-      return !['Z', 'X', 'T'].includes(state)
-    } catch {
-      return false
-    }
+    // Under a keeper, QEMU is one of the others of its group (the wrapper may be another).
+    if (this.#keeper) return groupMembers(pid).some((member) => member.pid !== pid && isLive(member.state))
+    const stat = readStat(pid)
+    return stat !== undefined && isLive(stat.state)
   }
 
   stderrTail(): string {
@@ -171,10 +207,30 @@ export class QemuProcess {
 
   /** SIGTERM escalates to SIGKILL after the grace; SIGKILL is at once. Harmless once exited. */
   kill(signal: 'SIGTERM' | 'SIGKILL'): void {
-    const child = this.#child
-    // Node sends nothing to a child it has reaped, so a pid used again is safe.
-    if (!child || this.#exit.signal.aborted) return
-    child.kill(signal)
-    if (signal === 'SIGTERM') this.#forceKill ??= setTimeout(() => child.kill('SIGKILL'), this.#killGraceMs)
+    if (this.pid === undefined || this.#exit.signal.aborted) return
+    if (signal === 'SIGKILL') return this.#killGroup()
+    // A group whose processes are all gone may have its id used again, as a
+    // process's; but not as a group's at once, and `exited` is due by then.
+    if (signalGroup(this.pid, 'SIGTERM') === 'refused') this.#log.warn({ pid: this.pid }, 'QEMU\'s process group could not be sent SIGTERM')
+    this.#forceKill ??= setTimeout(() => this.#killGroup(), this.#killGraceMs)
+  }
+
+  /** SIGKILL to the group; `exited` then waits reapMs at most for the stdio to close. */
+  #killGroup(): void {
+    const pid = this.pid!
+    clearTimeout(this.#forceKill)
+    if (signalGroup(pid, 'SIGKILL') === 'refused') this.#log.warn({ pid }, 'QEMU\'s process group could not be sent SIGKILL')
+    this.#giveUp ??= setTimeout(() => {
+      const status = this.#exitStatus
+      this.#log.warn({ pid, ...status }, `QEMU's stdio was still open ${reapMs} ms after SIGKILL; closed`)
+      for (const stream of [this.#child?.stdin, this.#child?.stdout, this.#child?.stderr]) stream?.destroy()
+      this.#end(status ? this.#exitReason(status) : new VmcgiError('VM_EXITED', `QEMU did not exit within ${reapMs} ms of SIGKILL`))
+    }, reapMs)
+  }
+
+  #exitReason({ exitCode, signal }: ExitStatus): VmcgiError {
+    // QEMU says why it refused to start (too many CPUs, too much memory) on its last stderr line.
+    const said = this.#stderr.text().trim().split('\n').at(-1)
+    return new VmcgiError('VM_EXITED', `QEMU exited (${signal ?? `status ${exitCode}`})${said ? `: ${said}` : ''}`)
   }
 }

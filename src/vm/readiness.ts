@@ -16,6 +16,7 @@
 
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs'
 import { connect, type Socket } from 'node:net'
+import { groupMembers } from './process-group.js'
 
 export interface ReadinessOptions {
   host: string
@@ -108,12 +109,22 @@ export async function warmUp({ host, port, path, count, timeoutMs }: {
 }
 
 /**
- * Whether process `pid` holds a socket listening on 127.0.0.1:`port`, read
+ * Whether a process of group `pgid` (its leader first, QEMU itself unless
+ * vm.qemu is a wrapper) holds a socket listening on 127.0.0.1:`port`, read
  * from /proc (Linux); undefined where that cannot be told. Between get-port
  * finding a port free and QEMU binding it, another process may take it, and
  * then a probe would reach that process instead of the guest.
  */
-export function listensOn(pid: number, port: number): boolean | undefined {
+export function listensOn(pgid: number, port: number): boolean | undefined {
+  const leader = holdsListener(pgid, port)
+  if (leader) return true
+  // A wrapper that does not exec QEMU: QEMU is another process of the group.
+  const others = groupMembers(pgid).filter((member) => member.pid !== pgid).map((member) => holdsListener(member.pid, port))
+  if (others.includes(true)) return true
+  return leader === false || others.includes(false) ? false : undefined
+}
+
+function holdsListener(pid: number, port: number): boolean | undefined {
   let table: string
   let fds: string[]
   try {

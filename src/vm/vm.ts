@@ -32,8 +32,10 @@ export interface VmEnvironment {
   accel: AccelDecision
   /** Whether QEMU accepts -sandbox. */
   sandbox: boolean
-  /** Command prefix that makes QEMU die with vmcgi (setpriv --pdeathsig), or []. */
+  /** Command prefix that makes QEMU die with vmcgi (setpriv --pdeathsig, or host.ts's keeper), or []. */
   deathSignalPrefix: readonly string[]
+  /** Whether deathSignalPrefix starts a keeper, for a vm.qemu that is a wrapper script (false when left out). */
+  keeper?: boolean
   /** Clone mode: every VM restores this snapshot instead of booting (see snapshot.ts). */
   snapshot?: SnapshotFiles
 }
@@ -204,7 +206,7 @@ export class QemuVm implements GuestVm {
 
   /** Starts QEMU on a fresh port, with a console of its own. Resolves once spawned. */
   async #spawn(): Promise<Attempt> {
-    const { config, accel, sandbox, deathSignalPrefix } = this.#env
+    const { config, accel, sandbox, deathSignalPrefix, keeper = false } = this.#env
     try {
       this.#port = await getPort({ host: '127.0.0.1' })
     } catch (error) {
@@ -225,6 +227,7 @@ export class QemuVm implements GuestVm {
       argv: [...deathSignalPrefix, config.vm.qemu, ...args] as [string, ...string[]],
       killGraceMs: config.vm.killGraceMs,
       inherit: this.#mode.openInherited(),
+      keeper,
       log,
     })
     this.#attempt = {
