@@ -138,7 +138,7 @@ describe.runIf(process.platform === 'linux')('QemuProcess and a process that lea
     // The grandchild takes a session of its own, out of the group's reach, and keeps stdout and stderr open.
     const qemu = new QemuProcess({ argv: ['sh', '-c', 'setsid sleep 30 & echo $!; exit 4'], killGraceMs: 100, log: pino({ level: 'silent' }) })
     const escaped = Number(await new Promise<string>((resolve) => qemu.stdout.once('data', (chunk: Buffer) => resolve(chunk.toString()))))
-    onTestFinished(() => process.kill(escaped, 'SIGKILL'))
+    onTestFinished(() => void process.kill(escaped, 'SIGKILL'))
     const { ms } = await timed(qemu.exited)
     expect(await qemu.exited).toMatchObject({ code: 'VM_EXITED' })
     expect(ms).toBeLessThan(3_000)
