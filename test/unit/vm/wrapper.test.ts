@@ -1,6 +1,8 @@
 // A vm.qemu that is a wrapper script which does not exec QEMU (the fake one, test/fixtures/fake-qemu.js): it boots, and every end leaves no process of its group.
 
+import { spawn } from 'node:child_process'
 import { writeFileSync } from 'node:fs'
+import { once } from 'node:events'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { pino } from 'pino'
@@ -8,6 +10,7 @@ import { describe, expect, it, onTestFinished } from 'vitest'
 import { keeperPrefix } from '../../../src/vm/host.js'
 import { groupMembers, isLive, readStat } from '../../../src/vm/process-group.js'
 import { QemuProcess } from '../../../src/vm/qemu-process.js'
+import { listensOn } from '../../../src/vm/readiness.js'
 import { createQemuVmFactory } from '../../../src/vm/vm.js'
 import { setUp, type Setup } from './fake-qemu.js'
 
@@ -142,5 +145,19 @@ describe.runIf(process.platform === 'linux')('QemuProcess and a process that lea
     const { ms } = await timed(qemu.exited)
     expect(await qemu.exited).toMatchObject({ code: 'VM_EXITED' })
     expect(ms).toBeLessThan(3_000)
+  })
+})
+
+describe.runIf(process.platform === 'linux')('listensOn and a process group', () => {
+  it('finds the listener of a process of the group other than its leader, and only of the group', async () => {
+    // A shell leads the group, as a wrapper does; its child listens.
+    const listener = 'const s = require("net").createServer().listen(0, "127.0.0.1", () => console.log(s.address().port))'
+    const leader = spawn('sh', ['-c', `'${process.execPath}' -e '${listener}'; :`], { detached: true, stdio: ['ignore', 'pipe', 'ignore'] })
+    onTestFinished(() => void process.kill(-leader.pid!, 'SIGKILL'))
+    const [chunk] = (await once(leader.stdout, 'data')) as [Buffer]
+    const port = Number(chunk.toString())
+    expect(listensOn(leader.pid!, port)).toBe(true)
+    // The test's own process is of another group.
+    expect(listensOn(process.pid, port)).toBe(false)
   })
 })
