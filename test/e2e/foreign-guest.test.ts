@@ -10,12 +10,28 @@ import { allQemuProcesses, expectNoVms, startVmcgi, testImage, type Vmcgi } from
 describe('a silent guest with a one-socket TCP stack', () => {
   let vmcgi: Vmcgi
   beforeAll(async () => {
-    // Nothing but the kernel command line: readiness, probes and timeouts are the defaults.
-    vmcgi = await startVmcgi({ vm: { append: 'console=ttyAMA0 quiet rdinit=/www/one-socket/init' } }, testImage())
+    // Configured as Starina is (a machine with properties, a named CPU, modern
+    // virtio-mmio through vm.extraArgs); readiness, probes and timeouts are the defaults.
+    vmcgi = await startVmcgi({
+      vm: {
+        append: 'console=ttyAMA0 quiet rdinit=/www/one-socket/init',
+        machine: 'virt,gic-version=2',
+        cpu: 'cortex-a72',
+        extraArgs: ['-global', 'virtio-mmio.force-legacy=false'],
+      },
+    }, testImage())
   })
   afterAll(async () => {
     await vmcgi?.stop()
     expect(await allQemuProcesses()).toEqual([])
+  })
+
+  it('boots QEMU as configured', async () => {
+    const spawned = vmcgi.logLines().find((line) => line.msg === 'QEMU spawned') as { argv?: string[] } | undefined
+    const argv = spawned?.argv ?? []
+    expect(argv[argv.indexOf('-machine') + 1]).toBe('virt,gic-version=2')
+    expect(argv[argv.indexOf('-cpu') + 1]).toBe('cortex-a72')
+    expect(argv.slice(-2)).toEqual(['-global', 'virtio-mmio.force-legacy=false'])
   })
 
   it('answers every request from its own VM, with the guest\'s own headers', async () => {
