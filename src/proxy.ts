@@ -195,9 +195,12 @@ export function forwardToVm(
     // A guest's own answer, a 503 included, goes back once. Only a connection
     // the guest dropped before answering is tried again (see resetRetryDelay).
     // (reply-from's types say `res` is always there; it is undefined when the connection failed.)
-    retryDelay: ({ err, res, attempt }) => ((res as FastifyReply | undefined) !== undefined || !replayable(request)
-      ? null
-      : resetRetryDelay(err, attempt, exchange.deadline)),
+    retryDelay: ({ err, res, attempt }) => {
+      if ((res as FastifyReply | undefined) !== undefined || !replayable(request)) return null
+      const delay = resetRetryDelay(err, attempt, exchange.deadline)
+      if (delay !== null) request.log.debug({ vm: vm.id, attempt: attempt + 1, delayMs: delay, err }, 'the guest dropped the connection before answering; sending the request again')
+      return delay
+    },
     rewriteRequestHeaders: (_request, headers) => toGuestHeaders(headers, { ip: request.ip, proto: request.protocol, host }),
     rewriteHeaders: (headers) => {
       unframed = closeDelimited(headers)
