@@ -4,7 +4,8 @@
 import { METHODS } from 'node:http'
 import fp from 'fastify-plugin'
 import type { VmLeases } from '../lease.js'
-import { forwardToVm, guestPath, requestHost } from '../proxy.js'
+import { forwardToVm } from '../proxy.js'
+import { guestPath, requestHost } from './request-target.js'
 
 export const vmRoute = fp<{ leases: VmLeases }>(async (app, { leases }) => {
   // Every method Node can parse goes to the guest (WebDAV's PROPFIND, say),
