@@ -8,9 +8,25 @@
 # --site given more than once lays each site over the ones before it.
 # --kernel-only builds $OUT/Image alone. Each of the two recipes has its own
 # key and cache: see kernel.sh and initramfs.sh.
+#
+#   bash images/build.sh --from-image SOURCE --out DIR [options]
+#
+# builds a guest from a container image instead (src/image/build.ts; `--help`
+# lists its options).
 set -Eeuo pipefail
 
 IMAGES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+for arg in "$@"; do
+    case "$arg" in
+        --from-image|--from-image=*)
+            main="$IMAGES_DIR/../dist/image/main.js"
+            if [ ! -f "$main" ] || [ -n "$(find "$IMAGES_DIR/../src/image" -newer "$main" -print -quit)" ]; then
+                (cd "$IMAGES_DIR/.." && npx tsc -p tsconfig.build.json)
+            fi
+            exec node "$main" "$@"
+            ;;
+    esac
+done
 usage() {
     echo "usage: bash images/build.sh [--arch aarch64|x86_64] [--site DIR]... [--out DIR] [--kernel-source linux-source-X.Y|TARBALL] [--kernel-only]" >&2
     exit 2

@@ -27,6 +27,11 @@ export interface Config {
     readonly initrd: string
     /** The kernel's command line; empty for none. */
     readonly append: string
+    /**
+     * A read-only disk image the guest sees as its only virtio-blk device
+     * (a container image's root, see src/image/); empty for none.
+     */
+    readonly disk: string
     /** Appended to QEMU's arguments as they are, for what vmcgi has no field for. */
     readonly extraArgs: readonly string[]
     readonly memoryMiB: number
@@ -146,6 +151,7 @@ const schema = {
         cpu: { type: 'string', pattern: '^[A-Za-z0-9][A-Za-z0-9._,=+-]*$|^$', default: '' },
         initrd: { type: 'string', default: '' },
         append: { type: 'string', default: 'console=ttyAMA0 quiet' },
+        disk: { type: 'string', default: '' },
         extraArgs: { type: 'array', items: { type: 'string' }, maxItems: 256, default: [] },
         memoryMiB: { type: 'integer', minimum: 16, maximum: 65536, default: 128 },
         cpus: { type: 'integer', minimum: 1, maximum: 64, default: 1 },
@@ -305,6 +311,7 @@ export function normalizeConfig(
   const vm = valid.vm as Writable<Config['vm']>
   vm.kernel = kernelFile('vm.kernel', resolve(baseDir, vm.kernel))
   if (vm.initrd) vm.initrd = readableFile('vm.initrd', resolve(baseDir, vm.initrd))
+  if (vm.disk) vm.disk = readableFile('vm.disk', resolve(baseDir, vm.disk))
   vm.extraArgs = checkedExtraArgs(vm.extraArgs)
   vm.qemu = findExecutable('vm.qemu', vm.qemu, baseDir, env.PATH ?? '')
   const snapshot = vm.snapshot as Writable<Config['vm']['snapshot']>

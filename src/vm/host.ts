@@ -8,6 +8,7 @@ import type { Config } from '../config.js'
 import { ConfigError } from '../errors.js'
 import type { FastifyBaseLogger } from 'fastify'
 import { chooseAccel, guestArchOf, readHostFacts, type Accel, type GuestArch, type HostFacts } from './accel.js'
+import { HeldDisk } from './disk.js'
 import { createQemuVmFactory, type VmEnvironment } from './vm.js'
 
 export interface HostProbe extends VmEnvironment {
@@ -38,6 +39,7 @@ export async function probeHost(config: Config): Promise<HostProbe> {
     sandbox: /^-sandbox\b/m.test(help.stdout),
     accel,
     ...await qemuLauncher(config.vm.qemu),
+    ...(config.vm.disk ? { disk: new HeldDisk(config.vm.disk) } : {}),
   }
 }
 

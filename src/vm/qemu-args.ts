@@ -24,11 +24,13 @@ export interface QemuArgsInput {
   qmpSocket?: string
   /** A clone: start waiting for the template's device state, sent over QMP's migrate-incoming. */
   incoming?: boolean
+  /** Where QEMU opens vm.disk (see disk.ts), when there is one. */
+  diskPath?: string
 }
 
 export const sandboxArgs = ['-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny']
 
-export function buildQemuArgs({ vm, accel, hostPort, sandbox, name, memoryFile, qmpSocket, incoming }: QemuArgsInput): string[] {
+export function buildQemuArgs({ vm, accel, hostPort, sandbox, name, memoryFile, qmpSocket, incoming, diskPath }: QemuArgsInput): string[] {
   // HVF on Apple silicon cannot map the high PCIe/GIC regions of a 40-bit+ address space.
   const [type, ...properties] = vm.machine.split(',')
   let machine = accel === 'hvf' && type === 'virt' && !properties.some((property) => property.startsWith('highmem='))
@@ -60,6 +62,11 @@ export function buildQemuArgs({ vm, accel, hostPort, sandbox, name, memoryFile, 
     // Without a hardware RNG a fresh guest waits about a second for entropy on its first read.
     '-object', 'rng-random,id=rng0,filename=/dev/urandom',
     '-device', 'virtio-rng-device,rng=rng0',
+    // The guest's /dev/vda, read-only: every VM shares the one file, and
+    // QEMU takes a shared lock on it that a writer would be refused.
+    ...(diskPath
+      ? ['-drive', `file=${diskPath.replaceAll(',', ',,')},if=none,format=raw,readonly=on,id=disk0`, '-device', 'virtio-blk-device,drive=disk0']
+      : []),
     ...(memoryFile
       ? ['-object', `memory-backend-file,id=mem0,size=${vm.memoryMiB}M,mem-path=${memoryFile.path},share=${memoryFile.share ? 'on' : 'off'}${memoryFile.readonly ? ',readonly=on,rom=off' : ''}`]
       : []),

@@ -3,7 +3,7 @@
 // copy-on-write clone of that pristine machine instead of booting.
 //
 // The template lives in vm.snapshot.dir under a key made of everything that
-// shapes the guest (kernel, initrd, QEMU version, the VM settings), so it is
+// shapes the guest (kernel, initrd, disk, QEMU version, the VM settings), so it is
 // made again when any of them changes, and reused across restarts otherwise.
 //
 // What is trusted: a folder that vmcgi's user owns and that nobody else may
@@ -48,6 +48,7 @@ export function snapshotKey(host: HostProbe): string {
     memoryMiB: vm.memoryMiB,
     cpus: vm.cpus,
     guestPort: vm.guestPort,
+    disk: host.disk?.identity,
   }))
   return hash.digest('hex').slice(0, 16)
 }

@@ -11,6 +11,7 @@
 // life (a cold boot, the template, a clone) is its StartMode's business (modes.ts).
 
 import { randomBytes } from 'node:crypto'
+import { closeSync } from 'node:fs'
 import { performance } from 'node:perf_hooks'
 import getPort from 'get-port'
 import type { FastifyBaseLogger as Logger } from 'fastify'
@@ -18,6 +19,7 @@ import type { Config } from '../config.js'
 import { VmcgiError } from '../errors.js'
 import type { AccelDecision } from './accel.js'
 import { SerialConsole } from './console.js'
+import { diskPathFor, type HeldDisk } from './disk.js'
 import type { GuestVm, VmFactory, VmState } from './guest.js'
 import { bootMode, cloneMode, type Attempt, type SnapshotFiles, type StartMode } from './modes.js'
 import { buildQemuArgs } from './qemu-args.js'
@@ -38,6 +40,8 @@ export interface VmEnvironment {
   keeper?: boolean
   /** Clone mode: every VM restores this snapshot instead of booting (see snapshot.ts). */
   snapshot?: SnapshotFiles
+  /** vm.disk, held open (see disk.ts). */
+  disk?: HeldDisk
 }
 
 /** QEMU loses a race for a port chosen beforehand with this message; try another port. */
@@ -104,10 +108,12 @@ export class QemuVm implements GuestVm {
   async boot(signal: AbortSignal): Promise<void> {
     this.#expect('created', 'boot')
     this.#enter('booting')
-    const { readiness } = this.#env.config
+    const { readiness, vm } = this.#env.config
     const deadline = new AbortController()
+    // Which port and path were probed: a guest's server on another port is the usual mistake.
+    const probed = `GET ${readiness.path} on guest port ${vm.guestPort}`
     const timer = setTimeout(
-      () => deadline.abort(new VmcgiError('BOOT_TIMEOUT', `the guest did not answer within ${readiness.timeoutMs} ms`)),
+      () => deadline.abort(new VmcgiError('BOOT_TIMEOUT', `the guest did not answer ${probed} within ${readiness.timeoutMs} ms`)),
       readiness.timeoutMs,
     )
     const stopped = () => new VmcgiError('VM_EXITED', 'the VM was stopped while it booted')
@@ -206,7 +212,7 @@ export class QemuVm implements GuestVm {
 
   /** Starts QEMU on a fresh port, with a console of its own. Resolves once spawned. */
   async #spawn(): Promise<Attempt> {
-    const { config, accel, sandbox, deathSignalPrefix, keeper = false } = this.#env
+    const { config, accel, sandbox, deathSignalPrefix, keeper = false, disk } = this.#env
     try {
       this.#port = await getPort({ host: '127.0.0.1' })
     } catch (error) {
@@ -214,6 +220,16 @@ export class QemuVm implements GuestVm {
       throw new VmcgiError('SPAWN_FAILED', `no port could be chosen for QEMU: ${(error as Error).message}`, { cause: error })
     }
     if (this.#stopping.signal.aborted) throw new VmcgiError('VM_EXITED', 'the VM was stopped before it started')
+    // The mode's descriptors come first (a clone's are at fixed numbers), then the disk's.
+    const inherit = this.#mode.openInherited()
+    if (disk) {
+      try {
+        inherit.push(disk.reopen())
+      } catch (error) {
+        for (const fd of inherit) closeSync(fd)
+        throw error
+      }
+    }
     const args = buildQemuArgs({
       vm: config.vm,
       accel: accel.accel,
@@ -221,12 +237,13 @@ export class QemuVm implements GuestVm {
       sandbox: sandbox && this.#mode.sandbox,
       name: this.id,
       ...this.#mode.args,
+      ...(disk ? { diskPath: diskPathFor(disk, 2 + inherit.length) } : {}),
     })
     const log = this.#log.child({ port: this.#port })
     const qemu = new QemuProcess({
       argv: [...deathSignalPrefix, config.vm.qemu, ...args] as [string, ...string[]],
       killGraceMs: config.vm.killGraceMs,
-      inherit: this.#mode.openInherited(),
+      inherit,
       keeper,
       log,
     })

@@ -56,6 +56,15 @@ describe('normalizeConfig', () => {
     expect(fieldOf(load({ cpu: 'max; rm -rf /' }))).toBe('vm.cpu')
   })
 
+  it('resolves vm.disk against the config\'s folder, and names it when it cannot be read', () => {
+    const images = fakeImageDir()
+    const load = (disk: string) => () => normalizeConfig({ vm: { kernel: images.kernel, qemu: images.qemu, disk } }, { baseDir: images.dir })
+    expect(load('initramfs.cpio.gz')().vm.disk).toBe(images.initrd)
+    expect(load('')().vm.disk).toBe('')
+    expect(fieldOf(load('missing.erofs'))).toBe('vm.disk')
+    expect(fieldOf(load('.'))).toBe('vm.disk')
+  })
+
   it('bounds VM counts and sizes by what the host can hold', () => {
     const images = fakeImageDir()
     const host = { cpus: 2, memoryMiB: 4096 }

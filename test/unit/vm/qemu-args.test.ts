@@ -2,9 +2,14 @@ import { describe, expect, it } from 'vitest'
 import { buildQemuArgs, sandboxArgs } from '../../../src/vm/qemu-args.js'
 import { fakeConfig } from '../../helpers/fixtures.js'
 
-function valueOf(args: string[], flag: string): string | undefined {
-  const index = args.indexOf(flag)
-  return index === -1 ? undefined : args[index + 1]
+/** The value after the nth (from 1) occurrence of `flag`. */
+function valueOf(args: string[], flag: string, nth = 1): string | undefined {
+  let index = -1
+  for (let seen = 0; seen < nth; seen++) {
+    index = args.indexOf(flag, index + 1)
+    if (index === -1) return undefined
+  }
+  return args[index + 1]
 }
 
 describe('buildQemuArgs', () => {
@@ -87,6 +92,15 @@ describe('buildQemuArgs for snapshots and clones', () => {
     expect(args).not.toContain('-initrd')
     expect(args).not.toContain('-append')
     expect(args.slice(-2)).toEqual(['-global', 'virtio-mmio.force-legacy=false'])
+  })
+
+  it('gives the guest vm.disk as a read-only virtio-blk drive, by the path it is given (commas escaped)', () => {
+    const { vm } = fakeConfig()
+    const args = buildQemuArgs({ vm, accel: 'tcg', hostPort: 40000, sandbox: true, name: 'vm-1', diskPath: '/proc/self/fd/5' })
+    expect(valueOf(args, '-drive')).toBe('file=/proc/self/fd/5,if=none,format=raw,readonly=on,id=disk0')
+    expect(valueOf(args, '-device', 3)).toBe('virtio-blk-device,drive=disk0')
+    expect(valueOf(buildQemuArgs({ vm, accel: 'tcg', hostPort: 1, sandbox: true, name: 'x', diskPath: '/a,b' }), '-drive')).toMatch(/^file=\/a,,b,if=none/)
+    expect(buildQemuArgs({ vm, accel: 'tcg', hostPort: 1, sandbox: true, name: 'x' })).not.toContain('-drive')
   })
 
   it('keeps machine properties under HVF, adding highmem=off unless it is given', () => {

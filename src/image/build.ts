@@ -1,0 +1,177 @@
+// Turns a container image into a vmcgi guest, in DIR:
+//
+//   Image               the guest kernel for the image's architecture (images/kernel.sh)
+//   root-ID.erofs       the image flattened into a read-only erofs disk, ID its config digest
+//   initramfs.cpio.gz   vmcgi's init (images/image-init.sh), /dev/console and /vmcgi/app
+//   vmcgi.json          a config that serves it: `vmcgi --config DIR/vmcgi.json`
+//
+// The flattening and the disk are made once per image (its config digest,
+// which covers every layer) and cached in the images cache beside the
+// kernel's. umoci applies the layers, whiteouts and opaque directories as
+// the OCI image spec says, with owners and modes, and never writes through
+// a link out of the root. A new image is a new disk file, with a new name:
+// a VM that holds the old one open never sees it change.
+
+import {
+  copyFileSync, existsSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync,
+} from 'node:fs'
+import { arch as hostArch } from 'node:os'
+import { join, resolve } from 'node:path'
+import { execa } from 'execa'
+import { appFor, encodeApp, type App, type RunOverrides } from './app.js'
+import { cpioArchive } from './cpio.js'
+import { ImageError } from './errors.js'
+import { readInsideRoot } from './root.js'
+import { copyToLayout, parseSource, readImageConfig, type GuestArch, type ImageConfigBlob, type Source } from './source.js'
+
+export interface BuildOptions {
+  source: string
+  out: string
+  arch?: GuestArch
+  memoryMiB: number
+  readinessPath: string
+  overrides: RunOverrides
+  /** The repository's images/ folder: the recipes, and out/cache. */
+  imagesDir: string
+  log: (line: string) => void
+}
+
+export interface BuiltGuest {
+  configPath: string
+  arch: GuestArch
+  imageId: string
+  app: App
+  diskBytes: number
+  initramfsBytes: number
+}
+
+/** How the guest of each architecture is started: the emulator, the machine and the kernel's command line. */
+const machines: Record<GuestArch, { qemu: string; machine: string; append: string }> = {
+  // reboot=t: with ACPI off, a reset through the keyboard controller's triple
+  // fault is what makes QEMU (-no-reboot) exit when the app does.
+  x86_64: { qemu: 'qemu-system-x86_64', machine: 'microvm,acpi=off,rtc=on', append: 'console=ttyS0 quiet no_timer_check reboot=t' },
+  aarch64: { qemu: 'qemu-system-aarch64', machine: 'virt', append: 'console=ttyAMA0 quiet' },
+}
+
+export async function buildImageGuest(options: BuildOptions): Promise<BuiltGuest> {
+  const { log } = options
+  const out = resolve(options.out)
+  const source = parseSource(options.source)
+  if (process.getuid?.() !== 0) {
+    throw new ImageError('from-image', 'building from an image needs root: the disk keeps the owners of the image\'s files')
+  }
+  log(`==> reading ${source.text}`)
+  const blob = await readImageConfig(source, options.arch, hostGuestArch())
+  const shortId = blob.id.slice(0, 12)
+  log(`    image ${shortId}, ${blob.config.os ?? 'linux'}/${blob.config.architecture}: the ${blob.arch} guest`)
+
+  const cache = join(options.imagesDir, 'out', 'cache', 'images')
+  const flat = await flattenedImage(source, blob, cache, log)
+  const app = appFor(blob.config.config ?? {}, options.overrides, flat.etc)
+  log(`    runs ${JSON.stringify(app.argv)} as ${app.user.uid}:${app.user.gid} in ${app.cwd}, on port ${app.port}`)
+
+  mkdirSync(out, { recursive: true })
+  await runRecipe(options.imagesDir, 'kernel.sh', blob.arch, out)
+  await runRecipe(options.imagesDir, 'image-init.sh', blob.arch, out)
+
+  log('==> writing the initramfs and vmcgi.json')
+  const initramfs = cpioArchive([
+    { type: 'file', path: 'init', mode: 0o755, data: readFileSync(join(out, 'image-init')) },
+    { type: 'dir', path: 'dev', mode: 0o755 },
+    { type: 'char', path: 'dev/console', mode: 0o600, major: 5, minor: 1 },
+    ...['proc', 'sys', 'lower', 'rw', 'newroot', 'vmcgi'].map((path) => ({ type: 'dir' as const, path, mode: 0o755 })),
+    { type: 'file', path: 'vmcgi/app', mode: 0o644, data: encodeApp(app) },
+  ])
+  writeAtomically(join(out, 'initramfs.cpio.gz'), initramfs)
+
+  const diskName = `root-${shortId}.erofs`
+  placeDisk(flat.disk, join(out, diskName))
+  const { qemu, machine, append } = machines[blob.arch]
+  const config = {
+    vm: {
+      qemu, machine, append,
+      kernel: 'Image',
+      initrd: 'initramfs.cpio.gz',
+      disk: diskName,
+      memoryMiB: options.memoryMiB,
+      guestPort: app.port,
+    },
+    // A language runtime starts in seconds under emulation, not in the
+    // default guest's fraction of one.
+    readiness: { path: options.readinessPath, timeoutMs: 30000 },
+  }
+  const configPath = join(out, 'vmcgi.json')
+  writeAtomically(configPath, Buffer.from(`${JSON.stringify(config, null, 2)}\n`))
+  // Disks of earlier versions: a vmcgi still serving one holds it open.
+  for (const name of readdirSync(out)) {
+    if (/^root-[0-9a-f]{12}\.erofs$/.test(name) && name !== diskName) rmSync(join(out, name), { force: true })
+  }
+  log(`==> ${configPath}`)
+  return { configPath, arch: blob.arch, imageId: blob.id, app, diskBytes: statSync(flat.disk).size, initramfsBytes: initramfs.length }
+}
+
+/** The image's disk and its /etc/passwd and /etc/group, from the cache or made now. */
+async function flattenedImage(source: Source, blob: ImageConfigBlob, cache: string, log: (line: string) => void) {
+  const dir = join(cache, blob.id)
+  if (!existsSync(join(dir, 'root.erofs'))) {
+    log('==> flattening the image into an erofs disk (once per image)')
+    mkdirSync(cache, { recursive: true })
+    const work = mkdtempSync(join(cache, 'tmp-'))
+    try {
+      const layout = join(work, 'layout')
+      const rootfs = join(work, 'rootfs')
+      await copyToLayout(source, blob.arch, layout)
+      await tool('umoci', ['raw', 'unpack', '--image', `${layout}:image`, rootfs], 'umoci (Debian: apt-get install umoci)')
+      const built = join(work, 'built')
+      mkdirSync(built)
+      for (const name of ['passwd', 'group']) writeFileSync(join(built, name), readInsideRoot(rootfs, `/etc/${name}`) ?? '')
+      // lz4hc: about two thirds of the plain size, and cheap to read even under emulation.
+      await tool('mkfs.erofs', ['-zlz4hc', '--quiet', join(built, 'root.erofs'), rootfs], 'mkfs.erofs (Debian: apt-get install erofs-utils)')
+      rmSync(dir, { recursive: true, force: true })
+      renameSync(built, dir)
+    } finally {
+      rmSync(work, { recursive: true, force: true })
+    }
+  } else {
+    log(`==> reusing the flattened image ${dir}`)
+  }
+  return {
+    disk: join(dir, 'root.erofs'),
+    etc: { passwd: readFileSync(join(dir, 'passwd'), 'utf8'), group: readFileSync(join(dir, 'group'), 'utf8') },
+  }
+}
+
+async function runRecipe(imagesDir: string, recipe: string, arch: GuestArch, out: string): Promise<void> {
+  const result = await execa('bash', [join(imagesDir, recipe), '--arch', arch, '--out', out], { stdout: 'inherit', stderr: 'inherit', reject: false })
+  if (result.failed) throw new Error(`images/${recipe} failed (exit ${result.exitCode})`)
+}
+
+async function tool(file: string, args: string[], install: string): Promise<void> {
+  const result = await execa(file, args, { reject: false, all: true })
+  if ((result as { code?: string }).code === 'ENOENT') throw new ImageError('from-image', `${install.split(' ')[0]} is not installed: ${install}`)
+  if (result.failed) throw new Error(`${file} failed: ${(result.all ?? '').trim().split('\n').slice(-5).join('\n') || result.shortMessage}`)
+}
+
+/** A hard link to the cached disk (a copy across file systems); never the old file written over. */
+function placeDisk(cached: string, target: string): void {
+  if (existsSync(target)) return // the same name is the same image
+  const partial = `${target}.partial`
+  rmSync(partial, { force: true })
+  try {
+    linkSync(cached, partial)
+  } catch {
+    copyFileSync(cached, partial)
+  }
+  renameSync(partial, target)
+}
+
+function writeAtomically(path: string, data: Buffer): void {
+  const partial = `${path}.partial`
+  writeFileSync(partial, data)
+  renameSync(partial, path)
+}
+
+function hostGuestArch(): GuestArch {
+  return hostArch() === 'arm64' ? 'aarch64' : 'x86_64'
+}
+
