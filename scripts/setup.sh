@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 
 step() { printf '==> %s\n' "$*"; }
 
-# What vmcgi and its tests run, for both guests: the run, run-ARCH and test
-# groups of images/packages.txt, which says why each is needed. The image
+# What vmcgi and its tests run, for both guests: the run, run-ARCH, test and
+# image groups of images/packages.txt, which says why each is needed. The image
 # recipes install their own build tools (as root) or name them.
-mapfile -t packages < <(awk '$1 ~ /^(run|run-aarch64|run-x86_64|test)$/ { print $2 }' images/packages.txt)
+mapfile -t packages < <(awk '$1 ~ /^(run|run-aarch64|run-x86_64|test|image)$/ { print $2 }' images/packages.txt)
 ((${#packages[@]})) || { echo "setup: images/packages.txt lists no packages" >&2; exit 1; }
 missing=()
 for package in "${packages[@]}"; do
@@ -42,3 +42,6 @@ npm run --silent images -- --site images/site --site images/test-site --out imag
 
 step 'building the x86_64 guest image'
 npm run --silent images -- --arch x86_64
+
+step 'building the test container images (test/images/build.sh: Debian packages, no registry)'
+bash test/images/build.sh
