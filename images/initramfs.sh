@@ -9,7 +9,7 @@
 # file of a later site replaces the file of the same path.
 #
 # Output: $OUT/initramfs.cpio.gz and its .key, a hash of everything that goes
-# in: busybox's version, this script, init, agent.c, the compiler of the
+# in: busybox's version, this script, init, agent.c and reseed.h, the compiler of the
 # agent, the kernel source (its usr/gen_init_cpio.c writes the archive) and
 # every file of the sites with its mode. Unchanged inputs make a rerun a no-op.
 set -Eeuo pipefail
@@ -124,7 +124,7 @@ INITRAMFS_KEY=$(
         echo "busybox: $DEB_ARCH $BB_VERSION"
         echo "linux-source: $KSRC_VERSION"
         echo "gcc: ${CROSS}gcc $(gcc_version)"
-        (cd "$IMAGES_DIR" && sha256sum initramfs.sh init agent.c)
+        (cd "$IMAGES_DIR" && sha256sum initramfs.sh init agent.c reseed.h)
         echo "$SITE_MANIFEST"
     } | sha256sum | cut -d' ' -f1
 )

@@ -28,7 +28,8 @@ export function resolveUser(user: string, passwdText: string, groupText: string)
     name: name!, gid: Number(gid), members: members ? members.split(',').filter(Boolean) : [],
   }) satisfies GroupEntry)
 
-  const [userPart = '', groupPart, ...rest] = (user || 'root').split(':')
+  // No User is root, whether or not the image has a passwd (FROM scratch has none).
+  const [userPart = '', groupPart, ...rest] = (user || '0').split(':')
   if (!userPart || rest.length > 0 || groupPart === '') throw new ImageError('user', `"${user}" is not a user: use name, uid, name:group or uid:gid`)
 
   const entry = numeric.test(userPart)

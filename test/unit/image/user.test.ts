@@ -22,8 +22,9 @@ function fieldOf(run: () => unknown): string | undefined {
 }
 
 describe('resolveUser', () => {
-  it('is root when the image names no user', () => {
+  it('is root when the image names no user, even with no passwd at all', () => {
     expect(resolveUser('', passwd, group)).toEqual({ uid: 0, gid: 0, groups: [0], home: '/root' })
+    expect(resolveUser('', '', '')).toEqual({ uid: 0, gid: 0, groups: [0], home: '/' })
   })
 
   it('resolves a name to its uid, primary gid, supplementary groups and home', () => {
