@@ -36,13 +36,18 @@ async function buildOrThrow(source: string, name: string, ...options: string[]):
   return out
 }
 
-/** Serves DIR/vmcgi.json as written by the build; stopped (and checked for leftover QEMU) at the end. */
-async function serve(dir: string): Promise<VmcgiProcess> {
+/**
+ * Serves DIR/vmcgi.json as written by the build, with `use`, then stops vmcgi
+ * and checks that no QEMU of it is left. One at a time: every such config
+ * has the default admin port.
+ */
+async function serving(dir: string, use: (vmcgi: VmcgiProcess) => Promise<void>): Promise<void> {
   const vmcgi = await spawnVmcgi(join(dir, 'vmcgi.json'), { listenTimeoutMs: 120_000 })
-  afterAll(async () => {
+  try {
+    await use(vmcgi)
+  } finally {
     expect(await vmcgi.stop()).toEqual([])
-  })
-  return vmcgi
+  }
 }
 
 interface PythonAnswer {
@@ -64,10 +69,8 @@ interface PythonAnswer {
 
 describe('a Python image (Debian\'s python3, layers with a whiteout, an opaque directory and a hard link, USER app)', () => {
   let dir: string
-  let vmcgi: VmcgiProcess
   beforeAll(async () => {
     dir = await buildOrThrow(`oci:${testImage('python')}:latest`, 'python')
-    vmcgi = await serve(dir)
   }, 20 * 60_000)
 
   it('writes a config for the x86_64 guest with the image\'s exposed port and a read-only disk', () => {
@@ -77,7 +80,7 @@ describe('a Python image (Debian\'s python3, layers with a whiteout, an opaque d
     expect(existsSync(join(dir, String(config.vm.disk)))).toBe(true)
   })
 
-  it('answers from a fresh VM per request, with the app\'s own headers, as the image\'s user, on a fresh file system', async () => {
+  it('answers from a fresh VM per request, with the app\'s own headers, as the image\'s user, on a fresh file system', () => serving(dir, async (vmcgi) => {
     const answers: { vm: unknown; body: PythonAnswer }[] = []
     for (let i = 0; i < 2; i++) {
       const res = await request(`${vmcgi.url}/hello`)
@@ -99,7 +102,7 @@ describe('a Python image (Debian\'s python3, layers with a whiteout, an opaque d
     expect(second.vm).not.toBe(first.vm)
     expect(second.body.boot_id).not.toBe(first.body.boot_id)
     await expect.poll(vmcgi.qemuChildren, { timeout: 5_000, interval: 50 }).toEqual([])
-  })
+  }))
 })
 
 describe('a static binary image (Debian\'s busybox-static), from both kinds of docker save archive', () => {
@@ -107,15 +110,15 @@ describe('a static binary image (Debian\'s busybox-static), from both kinds of d
     const asRoot = await buildOrThrow(`docker-archive:${testImage('docker-archive.tar')}`, 'static-20')
     const asUser = await buildOrThrow(`docker-archive:${testImage('docker-archive-oci.tar')}`, 'static-25', '--user', '1000:1000')
     for (const [dir, uid] of [[asRoot, 0], [asUser, 1000]] as const) {
-      const vmcgi = await serve(dir)
-      const page = await request(`${vmcgi.url}/`)
-      expect(page.statusCode).toBe(200)
-      expect(page.headers['vmcgi-status']).toBe('OK')
-      expect(await page.body.text()).toMatch(/hello from a static binary/)
-      const id = await request(`${vmcgi.url}/cgi-bin/id`)
-      expect(id.statusCode).toBe(200)
-      expect(await id.body.text()).toMatch(new RegExp(`^uid: ${uid}$`, 'm'))
-      expect(await vmcgi.stop()).toEqual([])
+      await serving(dir, async (vmcgi) => {
+        const page = await request(`${vmcgi.url}/`)
+        expect(page.statusCode).toBe(200)
+        expect(page.headers['vmcgi-status']).toBe('OK')
+        expect(await page.body.text()).toMatch(/hello from a static binary/)
+        const id = await request(`${vmcgi.url}/cgi-bin/id`)
+        expect(id.statusCode).toBe(200)
+        expect(await id.body.text()).toMatch(new RegExp(`^uid: ${uid}$`, 'm'))
+      })
     }
   }, 10 * 60_000)
 })
@@ -128,11 +131,12 @@ describe('an image index', () => {
     const configOf = (dir: string) => (JSON.parse(readFileSync(join(dir, 'vmcgi.json'), 'utf8')) as { vm: { qemu: string } }).vm.qemu
     expect(configOf(native)).toBe(process.arch === 'arm64' ? 'qemu-system-aarch64' : 'qemu-system-x86_64')
     expect(configOf(arm)).toBe('qemu-system-aarch64')
-    const vmcgi = await serve(arm)
-    const page = await request(`${vmcgi.url}/`)
-    expect(page.statusCode).toBe(200)
-    expect(await page.body.text()).toMatch(/hello from a static binary/)
-    expect(await vmcgi.stop()).toEqual([])
+    await serving(arm, async (vmcgi) => {
+      const page = await request(`${vmcgi.url}/`)
+      expect(page.statusCode).toBe(200)
+      expect(page.headers['vmcgi-status']).toBe('OK')
+      expect(await page.body.text()).toMatch(/hello from a static binary/)
+    })
   }, 10 * 60_000)
 })
 
