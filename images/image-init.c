@@ -15,6 +15,12 @@
  * line (reseed.h) and prints "vmcgi: ready" once the program listens on its
  * port. When the program exits, the VM ends.
  *
+ * With vmcgi_start=seed on the kernel's command line (vmcgi adds it for the
+ * template of clone mode saved before the app: vm.snapshot.at "boot"), it prints "vmcgi: booted"
+ * instead of starting the program, and starts it after the first seed: each
+ * clone then starts the program afresh, with entropy and a clock of its own,
+ * and nothing the program draws at start-up repeats between clones.
+ *
  * vmcgi parses the console, so nothing else is printed on a normal boot. Any
  * failure prints "vmcgi: init failed: WHAT: REASON" and ends the VM.
  */
@@ -433,20 +439,43 @@ static void handle_signal(int signals, pid_t app) {
 	struct signalfd_siginfo info;
 	if (read(signals, &info, sizeof info) != sizeof info) return;
 	if (info.ssi_signo == SIGCHLD) reap(app);
-	else kill(app, (int)info.ssi_signo);
+	else if (app > 0) kill(app, (int)info.ssi_signo); /* none yet: kill(0) would signal PID 1's group */
+}
+
+static pid_t start_app(const struct app *app) {
+	pid_t pid = fork();
+	if (pid < 0) fail("fork");
+	if (pid == 0) run_app(app);
+	return pid;
+}
+
+/* Whether the kernel's command line has this word. */
+static int on_command_line(const char *word) {
+	size_t size, length = strlen(word);
+	char *line = read_file("/proc/cmdline", &size), *at;
+	for (at = line; (at = strstr(at, word)); at += length)
+		if ((at == line || at[-1] == ' ') && (at[length] == ' ' || at[length] == '\n' || at[length] == 0)) return 1;
+	return 0;
 }
 
 /* Until the program exits (the VM then ends): signals, the console, and,
- * until it listens, a look at its port every READY_POLL_MS. */
+ * until it listens, a look at its port every READY_POLL_MS. Started now, or
+ * (wait_for_seed) once the console brings the first seed. */
 __attribute__((noreturn))
-static void supervise(pid_t app, unsigned port, int signals, struct reseed_console *reseed) {
+static void supervise(const struct app *app, int wait_for_seed, int signals, struct reseed_console *reseed) {
 	int ready = 0, console_open = 1;
+	pid_t pid = wait_for_seed ? 0 : start_app(app);
+	if (wait_for_seed) dprintf(console, "vmcgi: booted\n");
 	for (;;) {
 		struct pollfd fds[2] = { { signals, POLLIN, 0 }, { console_open ? reseed->fd : -1, POLLIN, 0 } };
-		if (poll(fds, 2, ready ? -1 : READY_POLL_MS) < 0 && errno != EINTR) fail("poll");
-		if (fds[0].revents & POLLIN) handle_signal(signals, app);
+		if (poll(fds, 2, ready || !pid ? -1 : READY_POLL_MS) < 0 && errno != EINTR) fail("poll");
+		if (fds[0].revents & POLLIN) handle_signal(signals, pid);
 		if (fds[1].revents && reseed_read_console(reseed) <= 0) console_open = 0;
-		if (!ready && listening(port)) {
+		if (!pid) {
+			if (reseed->reseeded == 0) continue;
+			pid = start_app(app);
+		}
+		if (!ready && listening(app->port)) {
 			dprintf(console, "vmcgi: ready\n");
 			ready = 1;
 		}
@@ -472,7 +501,6 @@ int main(void) {
 	static struct reseed_console reseed;
 	struct app app;
 	int signals, fd;
-	pid_t pid;
 
 	/* The kernel gave us the console as fds 0 to 2 (so this gets a higher
 	 * one); ours is close-on-exec, and the program gets its own copies. */
@@ -488,9 +516,5 @@ int main(void) {
 	bring_up_network();
 	name_the_host();
 	make_dirs(app.cwd);
-
-	pid = fork();
-	if (pid < 0) fail("fork");
-	if (pid == 0) run_app(&app);
-	supervise(pid, app.port, signals, &reseed);
+	supervise(&app, on_command_line("vmcgi_start=seed"), signals, &reseed);
 }

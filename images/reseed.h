@@ -47,6 +47,7 @@ struct reseed_entropy {
 struct reseed_console {
 	long fd;
 	long used;
+	long reseeded; /* seeds taken so far */
 	char line[RESEED_LINE_MAX];
 };
 
@@ -123,6 +124,7 @@ static void reseed_listen(struct reseed_console *console, long fd) {
 	struct reseed_termios tty;
 	console->fd = fd;
 	console->used = 0;
+	console->reseeded = 0;
 	if (syscall3(SYS_ioctl, fd, RESEED_TCGETS, (long)&tty) == 0) {
 		tty.c_lflag &= ~RESEED_ECHO;
 		syscall3(SYS_ioctl, fd, RESEED_TCSETS, (long)&tty);
@@ -147,6 +149,7 @@ static long reseed_read_console(struct reseed_console *console) {
 		line[end] = 0;
 		result = reseed(line + start_of_line, &nonce);
 		if (result >= 0) reseed_answer(console->fd, result, nonce);
+		if (result == 0) console->reseeded++;
 		start_of_line = end + 1;
 	}
 	/* Keep the unfinished line; drop an overlong one. */

@@ -47,6 +47,12 @@ export interface Config {
       readonly dir: string
       /** Give each clone fresh entropy and the time before it serves. Off only to show why it is on. */
       readonly reseed: boolean
+      /**
+       * When the template is saved: once the guest answers (`ready`), or once
+       * it prints `vmcgi: booted` (`boot`), before its app starts, so that each
+       * clone starts the app itself and nothing the app drew repeats.
+       */
+      readonly at: 'ready' | 'boot'
     }
   }
   readonly pool: {
@@ -167,6 +173,7 @@ const schema = {
             // A folder of this user's own (see vm/snapshot.ts): /tmp is everyone's.
             dir: { type: 'string', minLength: 1, default: join(tmpdir(), `vmcgi-${process.getuid?.() ?? 'user'}`) },
             reseed: { type: 'boolean', default: true },
+            at: { enum: ['ready', 'boot'], default: 'ready' },
           },
         },
       },

@@ -30,6 +30,8 @@ export interface BuildOptions {
   arch?: GuestArch
   memoryMiB: number
   readinessPath: string
+  /** Clone mode, with the template saved once the app answers or before it starts; cold boots without. */
+  clone?: 'ready' | 'boot'
   overrides: RunOverrides
   /** The repository's images/ folder: the recipes, and out/cache. */
   imagesDir: string
@@ -95,6 +97,7 @@ export async function buildImageGuest(options: BuildOptions): Promise<BuiltGuest
       disk: diskName,
       memoryMiB: options.memoryMiB,
       guestPort: app.port,
+      ...(options.clone ? { snapshot: { enabled: true, at: options.clone } } : {}),
     },
     // A language runtime starts in seconds under emulation, not in the
     // default guest's fraction of one.

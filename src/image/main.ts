@@ -12,10 +12,13 @@ import { ImageError } from './errors.js'
 import type { GuestArch } from './source.js'
 
 const usage = `usage: npm run images -- --from-image SOURCE --out DIR [--arch aarch64|x86_64]
-         [--port N] [--readiness-path PATH] [--memory MIB]
+         [--port N] [--readiness-path PATH] [--memory MIB] [--clone ready|boot]
          [--entrypoint CMD] [--cmd CMD] [--env NAME=VALUE]... [--workdir DIR] [--user USER[:GROUP]]
 SOURCE: docker-daemon:NAME:TAG, docker-archive:PATH (docker save) or oci:PATH[:REF] (an OCI layout).
-CMD: a JSON array (["python3", "app.py"]) or words split at spaces.`
+CMD: a JSON array (["python3", "app.py"]) or words split at spaces.
+--clone: clone mode, the template saved once the app answers (ready: fastest,
+but what the app drew at start-up repeats in every clone) or before the app
+starts (boot: every clone starts the app).`
 
 function parseCli(argv: string[]) {
   let values
@@ -29,6 +32,7 @@ function parseCli(argv: string[]) {
         port: { type: 'string' },
         'readiness-path': { type: 'string', default: '/' },
         memory: { type: 'string', default: '256' },
+        clone: { type: 'string' },
         entrypoint: { type: 'string' },
         cmd: { type: 'string' },
         env: { type: 'string', multiple: true },
@@ -59,6 +63,9 @@ function parseCli(argv: string[]) {
     ...(values.user !== undefined ? { user: values.user } : {}),
     ...(values.port !== undefined ? { port: whole('port', values.port, 1, 65535) } : {}),
   }
+  if (values.clone !== undefined && values.clone !== 'ready' && values.clone !== 'boot') {
+    throw new ImageError('clone', `must be ready or boot, not "${values.clone}"`)
+  }
   const readinessPath = values['readiness-path']
   if (!readinessPath.startsWith('/')) throw new ImageError('readiness-path', `must start with "/", not "${readinessPath}"`)
   return {
@@ -67,6 +74,7 @@ function parseCli(argv: string[]) {
     ...(values.arch ? { arch: values.arch as GuestArch } : {}),
     memoryMiB: whole('memory', values.memory, 16, 65536),
     readinessPath,
+    ...(values.clone ? { clone: values.clone as 'ready' | 'boot' } : {}),
     overrides,
   }
 }

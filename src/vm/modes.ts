@@ -42,13 +42,15 @@ export interface StartMode {
   /** For the log. */
   readonly name: 'boot' | 'template' | 'clone'
   /** What this mode adds to QEMU's command line. */
-  readonly args: Pick<QemuArgsInput, 'memoryFile' | 'qmpSocket' | 'incoming'>
+  readonly args: Pick<QemuArgsInput, 'memoryFile' | 'qmpSocket' | 'incoming' | 'kernelArgs'>
   /** Whether QEMU may run under -sandbox, where this QEMU has it. */
   readonly sandbox: boolean
   /** Descriptors QEMU inherits as 3, 4, …, opened anew for every spawn; QemuProcess closes them. */
   openInherited(): number[]
   /** Once QEMU is spawned, before its guest is probed. */
   restore(attempt: Attempt, signal: AbortSignal): Promise<void>
+  /** What the VM is ready at instead of an HTTP answer, if anything. */
+  awaitReady?(attempt: Attempt, signal: AbortSignal): Promise<void>
   /** Runs while the guest is probed, if there is anything to do; the VM is ready once both are done. */
   reseed(attempt: Attempt, signal: AbortSignal): Promise<void> | undefined
   /** Saves a ready VM for clones to restore; only the template has it. */
@@ -68,18 +70,31 @@ export const bootMode: StartMode = {
   release: () => {},
 }
 
-/** The template: booted once with its RAM in `files.ramPath`, then saved. */
-export function templateMode(files: SnapshotFiles, qmpSocket: string): StartMode {
+/**
+ * A template saved before its app (vm.snapshot.at "boot") is booted with this
+ * on its kernel's command line; the guest then prints `bootedLine` and starts
+ * its app only after its first seed, which only a clone gets.
+ */
+export const startOnSeedArg = 'vmcgi_start=seed'
+export const bootedLine = 'vmcgi: booted'
+
+/**
+ * The template: booted once with its RAM in `files.ramPath`, then saved, once
+ * it answers (`at: 'ready'`) or once it says it booted, before its app starts
+ * (`at: 'boot'`; its first seed, a clone's own, starts the app).
+ */
+export function templateMode(files: SnapshotFiles, qmpSocket: string, { at }: { at: 'ready' | 'boot' }): StartMode {
   return {
     name: 'template',
-    args: { memoryFile: { path: files.ramPath, share: true }, qmpSocket },
+    args: { memoryFile: { path: files.ramPath, share: true }, qmpSocket, ...(at === 'boot' ? { kernelArgs: [startOnSeedArg] } : {}) },
     // The template writes its state through `exec:`, which the sandbox's
     // spawn=deny forbids. It boots vmcgi's own image and never serves a request.
     sandbox: false,
     openInherited: () => [],
     restore: async () => {},
+    ...(at === 'boot' ? { awaitReady: async (attempt: Attempt, signal: AbortSignal) => void await attempt.console.waitFor([bootedLine], signal) } : {}),
     reseed: () => undefined,
-    save: (attempt, signal) => saveTemplate(files, qmpSocket, attempt, signal),
+    save: (attempt, signal) => saveTemplate(files, qmpSocket, attempt, signal, { reseedFirst: at === 'ready' }),
     release: () => rmSync(qmpSocket, { force: true }),
   }
 }
@@ -140,14 +155,17 @@ const ramFd = 4
  * device state is written (x-ignore-shared), to a temporary file renamed into
  * place once complete. The template keeps running; stop it afterwards.
  */
-async function saveTemplate(files: SnapshotFiles, qmpSocket: string, attempt: Attempt, signal: AbortSignal): Promise<void> {
+async function saveTemplate(
+  files: SnapshotFiles, qmpSocket: string, attempt: Attempt, signal: AbortSignal, { reseedFirst }: { reseedFirst: boolean },
+): Promise<void> {
   const partial = `${files.statePath}.partial`
   // A young kernel reseeds its CRNG once its seed is a second old, from the
   // timing jitter it has seen (crng_has_old_seed in drivers/char/random.c),
   // so clones of a template saved with an old seed would drift apart by
   // chance within their first request. Reseeded now, they stay identical
   // until vmcgi reseeds each one: a single mechanism, which tests can show.
-  await reseedGuest(attempt, signal)
+  // Not a template saved before its app: its first seed starts the app.
+  if (reseedFirst) await reseedGuest(attempt, signal)
   const qmp = await Qmp.connect(qmpSocket, signal)
   try {
     await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] })

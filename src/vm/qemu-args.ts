@@ -26,11 +26,14 @@ export interface QemuArgsInput {
   incoming?: boolean
   /** Where QEMU opens vm.disk (see disk.ts), when there is one. */
   diskPath?: string
+  /** Words added to the kernel's command line after vm.append (a template's `vmcgi_start=seed`). */
+  kernelArgs?: readonly string[]
 }
 
 export const sandboxArgs = ['-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny']
 
-export function buildQemuArgs({ vm, accel, hostPort, sandbox, name, memoryFile, qmpSocket, incoming, diskPath }: QemuArgsInput): string[] {
+export function buildQemuArgs({ vm, accel, hostPort, sandbox, name, memoryFile, qmpSocket, incoming, diskPath, kernelArgs = [] }: QemuArgsInput): string[] {
+  const append = [vm.append, ...kernelArgs].filter(Boolean).join(' ')
   // HVF on Apple silicon cannot map the high PCIe/GIC regions of a 40-bit+ address space.
   const [type, ...properties] = vm.machine.split(',')
   let machine = accel === 'hvf' && type === 'virt' && !properties.some((property) => property.startsWith('highmem='))
@@ -50,7 +53,7 @@ export function buildQemuArgs({ vm, accel, hostPort, sandbox, name, memoryFile, 
     '-no-reboot',
     '-kernel', vm.kernel,
     ...(vm.initrd ? ['-initrd', vm.initrd] : []),
-    ...(vm.append ? ['-append', vm.append] : []),
+    ...(append ? ['-append', append] : []),
     // The serial console goes to stdout, where vmcgi keeps its tail; signal=off
     // so that a stray ^C on the console cannot stop QEMU.
     '-chardev', 'stdio,id=console,signal=off',

@@ -49,6 +49,7 @@ export function snapshotKey(host: HostProbe): string {
     cpus: vm.cpus,
     guestPort: vm.guestPort,
     disk: host.disk?.identity,
+    at: vm.snapshot.at,
   }))
   return hash.digest('hex').slice(0, 16)
 }
@@ -244,7 +245,7 @@ async function makeTemplate(host: HostProbe, dir: string, log: FastifyBaseLogger
   }
   try {
     const partial: SnapshotFiles = { ramPath: join(building, 'ram'), statePath: join(building, 'state'), readOnlyRam: false }
-    const template = new QemuVm(host, log, templateMode(partial, join(building, 'qmp.sock')))
+    const template = new QemuVm(host, log, templateMode(partial, join(building, 'qmp.sock'), { at: host.config.vm.snapshot.at }))
     try {
       await template.boot(new AbortController().signal)
       await template.saveSnapshot(AbortSignal.timeout(30_000))

@@ -133,7 +133,7 @@ export class QemuVm implements GuestVm {
           // A clone is made unique while its HTTP server is probed: it sees no
           // request before both are done.
           const unique = this.#mode.reseed(attempt, any)?.then(() => (phases.reseeded = performance.now() - started))
-          const answered = waitUntilReady({
+          const answered = (this.#mode.awaitReady?.(attempt, any) ?? waitUntilReady({
             host: '127.0.0.1',
             port: this.#port,
             path: readiness.path,
@@ -141,7 +141,7 @@ export class QemuVm implements GuestVm {
             attemptTimeoutMs: readiness.attemptTimeoutMs,
             signal: any,
             consoleReady: attempt.console.ready,
-          }).then(() => (phases.answered = performance.now() - started))
+          })).then(() => (phases.answered = performance.now() - started))
           // Both are awaited together: when `any` aborts, both reject, and
           // neither rejection may go unhandled.
           await Promise.all([answered, unique])

@@ -172,3 +172,39 @@ describe('bad input', () => {
     expect(result.all).toMatch(/python-test-image: listening on 0.0.0.0:8080/)
   }, 5 * 60_000)
 })
+
+describe('clone mode for an image: what the app drew at start-up, saved after it answers or before it starts', () => {
+  /** Two requests, each answered by a clone of its own; their answers. */
+  async function twoClones(dir: string): Promise<PythonAnswer[]> {
+    const answers: PythonAnswer[] = []
+    await serving(dir, async (vmcgi) => {
+      const vms = new Set()
+      for (let i = 0; i < 2; i++) {
+        const res = await request(`${vmcgi.url}/clone`)
+        expect(res.statusCode).toBe(200)
+        expect(res.headers['vmcgi-status']).toBe('OK')
+        vms.add(res.headers['vmcgi-vm-id'])
+        answers.push(await res.body.json() as PythonAnswer)
+      }
+      expect(vms.size).toBe(2)
+      expect(vmcgi.logLines().some((line) => line.msg === 'saved the template')).toBe(true)
+    })
+    // Every clone starts from the template's file system, as built.
+    expect(answers.map((answer) => answer.written_before)).toEqual([false, false])
+    return answers
+  }
+
+  it('--clone ready: the app\'s start-up randomness, and its generator\'s state, repeat in every clone', async () => {
+    const [first, second] = await twoClones(await buildOrThrow(`oci:${testImage('python')}:latest`, 'clone-ready', '--clone', 'ready')) as [PythonAnswer, PythonAnswer]
+    expect(second.import_random).toBe(first.import_random)
+    // random.random() per request too: Python's generator was seeded before the snapshot.
+    expect(second.request_random).toBe(first.request_random)
+  }, 10 * 60_000)
+
+  it('--clone boot: each clone starts the app after its own seed, and nothing repeats', async () => {
+    const [first, second] = await twoClones(await buildOrThrow(`oci:${testImage('python')}:latest`, 'clone-boot', '--clone', 'boot')) as [PythonAnswer, PythonAnswer]
+    expect(second.import_random).not.toBe(first.import_random)
+    expect(second.request_random).not.toBe(first.request_random)
+    expect(second.boot_id).not.toBe(first.boot_id)
+  }, 10 * 60_000)
+})

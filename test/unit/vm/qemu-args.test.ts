@@ -103,6 +103,13 @@ describe('buildQemuArgs for snapshots and clones', () => {
     expect(buildQemuArgs({ vm, accel: 'tcg', hostPort: 1, sandbox: true, name: 'x' })).not.toContain('-drive')
   })
 
+  it('adds a mode\'s words to the kernel command line after vm.append, and makes one when vm.append is empty', () => {
+    const { vm } = fakeConfig({ vm: { append: 'console=ttyS0' } })
+    expect(valueOf(buildQemuArgs({ vm, accel: 'tcg', hostPort: 1, sandbox: true, name: 'x', kernelArgs: ['vmcgi_start=seed'] }), '-append')).toBe('console=ttyS0 vmcgi_start=seed')
+    const bare = fakeConfig({ vm: { append: '' } }).vm
+    expect(valueOf(buildQemuArgs({ vm: bare, accel: 'tcg', hostPort: 1, sandbox: true, name: 'x', kernelArgs: ['vmcgi_start=seed'] }), '-append')).toBe('vmcgi_start=seed')
+  })
+
   it('keeps machine properties under HVF, adding highmem=off unless it is given', () => {
     const { vm } = fakeConfig({ vm: { machine: 'virt,gic-version=2' } })
     expect(valueOf(buildQemuArgs({ vm, accel: 'hvf', hostPort: 40000, sandbox: false, name: 'vm-1' }), '-machine')).toBe('virt,gic-version=2,highmem=off')
