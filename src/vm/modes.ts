@@ -100,7 +100,7 @@ export function templateMode(files: SnapshotFiles, qmpSocket: string, { at }: { 
 }
 
 /** A clone of the template, restored instead of booted, and reseeded unless `reseed` is false. */
-export function cloneMode(files: SnapshotFiles, { reseed }: { reseed: boolean }): StartMode {
+export function cloneMode(files: SnapshotFiles, { reseed, at }: { reseed: boolean; at: 'ready' | 'boot' }): StartMode {
   const qmpSocket = join(runtimeDir(), `${randomBytes(6).toString('hex')}.qmp`)
   // QEMU opens the RAM file by its path. On Linux it is given its own
   // descriptor on the file instead (its 4), and opens /proc/self/fd/4: the very
@@ -122,6 +122,12 @@ export function cloneMode(files: SnapshotFiles, { reseed }: { reseed: boolean })
       }
     },
     restore: (attempt, signal) => restoreClone(qmpSocket, attempt, signal),
+    // A template saved once it answered is restored answering: its reseed
+    // (which the guest answers from the same machine state) is all a clone
+    // waits for. A probe would cost what the request costs, on a single vCPU
+    // with an empty translation cache. A template saved before its app, or a
+    // clone left unreseeded, is probed as a boot is.
+    ...(reseed && at === 'ready' ? { awaitReady: async () => {} } : {}),
     reseed: reseed ? reseedGuest : () => undefined,
     release: () => rmSync(qmpSocket, { force: true }),
   }

@@ -49,7 +49,7 @@ const portTaken = /could not set up host forwarding rule/
 const spawnAttempts = 3
 
 export function createQemuVmFactory(env: VmEnvironment): VmFactory {
-  return (log) => new QemuVm(env, log, env.snapshot ? cloneMode(env.snapshot, { reseed: env.config.vm.snapshot.reseed }) : bootMode)
+  return (log) => new QemuVm(env, log, env.snapshot ? cloneMode(env.snapshot, env.config.vm.snapshot) : bootMode)
 }
 
 export class QemuVm implements GuestVm {
