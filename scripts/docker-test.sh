@@ -196,6 +196,39 @@ for pid in $(pgrep qemu-system || true); do
     ! grep -q "$CID" "/proc/$pid/cgroup" 2>/dev/null || fail "QEMU $pid of the container outlived it"
 done
 
+# ---------------------------------------------------------------- an image of this daemon as a guest
+# `npm run images -- --from-image docker-daemon:NAME:TAG`, the source no other
+# test has (it needs a daemon): the static test image (test/images/build.sh)
+# loaded into this daemon, built into a guest, served by its vmcgi.json alone.
+FROM_DAEMON_MS=""
+ARCHIVE=images/out/test-images/docker-archive.tar
+if [ -f "$ARCHIVE" ] && [ -f dist/main.js ] && [ -f images/out/x86_64/Image ] && [ "$(uname -m)" = x86_64 ]; then
+    step "serving docker-daemon:vmcgi-test/static:latest"
+    docker load -q -i "$ARCHIVE" >/dev/null || fail "docker load $ARCHIVE failed"
+    t0=$(now_ms)
+    bash images/build.sh --from-image docker-daemon:vmcgi-test/static:latest --out "$WORK/from-daemon" >"$WORK/from-daemon.log" 2>&1 ||
+        { tail -n 20 "$WORK/from-daemon.log" >&2; fail "the build from docker-daemon:vmcgi-test/static:latest failed"; }
+    GUEST_PORT=$(node -e 'const s = require("net").createServer().listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close() })')
+    node dist/main.js --config "$WORK/from-daemon/vmcgi.json" --port "$GUEST_PORT" >"$WORK/from-daemon-vmcgi.log" 2>&1 &
+    VMCGI_PID=$!
+    answered=""
+    for _ in $(seq 1 600); do
+        answered=$(curl -s -m 30 "http://127.0.0.1:$GUEST_PORT/cgi-bin/id" || true)
+        [ -z "$answered" ] || break
+        kill -0 "$VMCGI_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill "$VMCGI_PID" 2>/dev/null || true
+    wait "$VMCGI_PID" 2>/dev/null || true
+    grep -qx 'uid: 0' <<<"$answered" || { tail -n 20 "$WORK/from-daemon-vmcgi.log" >&2; fail "the guest built from the daemon's image did not answer: $answered"; }
+    FROM_DAEMON_MS=$(($(now_ms) - t0))
+    sleep 0.5 # QEMU gets SIGKILL when vmcgi exits (setpriv --pdeathsig)
+    for pid in $(pgrep -f "qemu-system.*$WORK/from-daemon" || true); do fail "QEMU $pid of the daemon's image outlived vmcgi"; done
+    docker image rm -f vmcgi-test/static:latest >/dev/null 2>&1 || true
+else
+    step "skipped docker-daemon: as a source: no $ARCHIVE, dist/ or x86_64 guest (npm run setup makes them), or not an x86_64 host"
+fi
+
 echo
 echo "docker-test: OK"
 echo "  image size                $(awk -v b="$SIZE" 'BEGIN { printf "%.0f MB", b / 1e6 }')"
@@ -204,3 +237,4 @@ echo "  docker build              $(seconds "$BUILD_MS")"
 echo "  start to healthy (/up)    $(seconds "$HEALTHY_MS")"
 echo "  first request (GET /)     $(seconds "$FIRST_MS") (vmcgi-vm-boot-time: $BOOT)"
 echo "  docker stop, 1 in flight  $(seconds "$STOP_MS"), exit code $EXIT_CODE"
+[ -z "$FROM_DAEMON_MS" ] || echo "  docker-daemon: image      built and first answer in $(seconds "$FROM_DAEMON_MS")"
