@@ -40,6 +40,9 @@ npm run --silent images
 step 'building the test guest image (the same kernel, images/test-site over images/site)'
 npm run --silent images -- --site images/site --site images/test-site --out images/out/test-site
 
+step "building the kernel-only test guest (the test guest's initramfs built into the same kernel, relinked)"
+npm run --silent images -- --builtin-initramfs images/out/test-site/initramfs.cpio.gz --out images/out/kernel-only
+
 step 'building the x86_64 guest image'
 npm run --silent images -- --arch x86_64
 
