@@ -243,6 +243,8 @@ key_matches() { # output keyfile key
     [ -f "$1" ] && [ -f "$2" ] && [ "$(cat "$2")" = "$3" ]
 }
 install_file() { # src dst: hardlink when possible, else copy; atomic
+    # Already the same file (a hard link made before): mv would refuse.
+    [ "$1" -ef "$2" ] && return 0
     rm -f "$2.tmp"
     ln "$1" "$2.tmp" 2>/dev/null || cp "$1" "$2.tmp"
     mv -f "$2.tmp" "$2"
