@@ -5,6 +5,14 @@
 #   docker run --init -p 8080:80 --device /dev/kvm \
 #     --group-add "$(getent group kvm | cut -d: -f3)" vmcgi   # KVM (arm64 host)
 #
+# A linux/arm64 container image as a guest (the build needs root, for the
+# owners of the image's files), then served:
+#
+#   docker run --rm --user root -v "$PWD:/work" vmcgi \
+#     node dist/image/main.js --from-image docker-archive:/work/app.tar --out /work/app
+#   docker run --init -p 8080:8080 -v "$PWD/app:/guest:ro" vmcgi \
+#     node dist/main.js --config /guest/vmcgi.json --host 0.0.0.0 --port 8080
+#
 # The build stages run on the build machine's own architecture
 # ($BUILDPLATFORM): on amd64 the guest is cross-compiled, on arm64 (a
 # Raspberry Pi) compiled natively. Neither the guest nor the JavaScript
@@ -21,7 +29,7 @@ WORKDIR /src
 # those groups of images/packages.txt.
 COPY images/packages.txt images/
 RUN set -eux; \
-    groups="kernel|kernel-source|initramfs"; \
+    groups="kernel|kernel-source|initramfs|image-init"; \
     if [ "$(dpkg --print-architecture)" != arm64 ]; then \
         dpkg --add-architecture arm64; \
         groups="$groups|cross-aarch64"; \
@@ -34,7 +42,9 @@ RUN set -eux; \
 COPY images/lib.sh images/kernel.sh images/kernel.config images/kernel-aarch64.config images/
 RUN bash images/kernel.sh
 COPY images/ images/
-RUN bash images/initramfs.sh && rm -rf images/out/cache images/out/aarch64/initramfs-build
+# The initramfs, and vmcgi's init for container images (images/image-init.sh),
+# which `--from-image` puts in each image's own initramfs.
+RUN bash images/initramfs.sh && bash images/image-init.sh && rm -rf images/out/cache images/out/aarch64/initramfs-build
 
 
 # vmcgi itself: the compiled TypeScript and its production dependencies.
@@ -60,9 +70,10 @@ RUN npm run build && npm prune --omit=dev --no-audit --no-fund
 
 FROM debian:trixie-slim
 ENV DEBIAN_FRONTEND=noninteractive
-# Node, QEMU for the aarch64 guest, setpriv and setcap: the node, run,
-# run-aarch64 and docker groups of images/packages.txt (read from the build
-# context, not copied into the image). The 32-bit ARM emulator that
+# Node, QEMU for the aarch64 guest, setpriv and setcap, and what turns a
+# container image into a guest (skopeo, umoci, mkfs.erofs): the node, run,
+# run-aarch64, docker and image groups of images/packages.txt (read from the
+# build context, not copied into the image). The 32-bit ARM emulator that
 # qemu-system-arm also carries (30 MB) is left out. setcap lets node, as a
 # non-root user, listen on port 80.
 RUN --mount=type=bind,source=images/packages.txt,target=/tmp/packages.txt \
@@ -70,7 +81,7 @@ RUN --mount=type=bind,source=images/packages.txt,target=/tmp/packages.txt \
     echo 'path-exclude /usr/bin/qemu-system-arm' >/etc/dpkg/dpkg.cfg.d/vmcgi-exclude; \
     apt-get update -q; \
     apt-get install -y -q --no-install-recommends \
-        $(awk '$1 ~ /^(node|run|run-aarch64|docker)$/ { print $2 }' /tmp/packages.txt); \
+        $(awk '$1 ~ /^(node|run|run-aarch64|docker|image)$/ { print $2 }' /tmp/packages.txt); \
     setcap cap_net_bind_service=+ep "$(readlink -f /usr/bin/node)"; \
     apt-get clean; \
     rm -rf /var/lib/apt/lists/*; \
@@ -80,7 +91,7 @@ WORKDIR /app
 COPY --from=app /src/package.json ./
 COPY --from=app /src/node_modules/ node_modules/
 COPY --from=app /src/dist/ dist/
-COPY --from=guest /src/images/out/aarch64/Image /src/images/out/aarch64/initramfs.cpio.gz images/out/aarch64/
+COPY --from=guest /src/images/out/aarch64/Image /src/images/out/aarch64/initramfs.cpio.gz /src/images/out/aarch64/image-init images/out/aarch64/
 COPY config/docker.json config/
 
 # For KVM, give this user the host's kvm group: --group-add <gid of kvm>.

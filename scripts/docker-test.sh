@@ -45,6 +45,7 @@ CURL_PID=""
 cleanup() {
     local rc=$?
     [ -z "$CURL_PID" ] || kill "$CURL_PID" 2>/dev/null || true
+    docker rm -f "$CONTAINER-guest" >/dev/null 2>&1 || true
     if docker container inspect "$CONTAINER" >/dev/null 2>&1; then
         if [ "$rc" != 0 ]; then
             echo "--- container log (last 20 lines):" >&2
@@ -196,6 +197,38 @@ for pid in $(pgrep qemu-system || true); do
     ! grep -q "$CID" "/proc/$pid/cgroup" 2>/dev/null || fail "QEMU $pid of the container outlived it"
 done
 
+# ---------------------------------------------------------------- the image build, in the container
+# The same `--from-image` with the container's own tools and its shipped
+# aarch64 kernel and init: the linux/arm64 half of the test index
+# (test/images/build.sh), then served by a container of the image.
+IN_CONTAINER_MS=""
+INDEX=images/out/test-images/multi
+if [ -d "$INDEX" ]; then
+    step "building and serving oci:multi --arch aarch64 in the container"
+    mkdir -p "$WORK/in-container"
+    t0=$(now_ms)
+    docker run --rm --user root -v "$PWD/$INDEX:/in:ro" -v "$WORK/in-container:/out" "$IMAGE" \
+        node dist/image/main.js --from-image oci:/in --arch aarch64 --out /out >"$WORK/in-container.log" 2>&1 ||
+        { tail -n 20 "$WORK/in-container.log" >&2; fail "--from-image in the container failed"; }
+    GUEST_CONTAINER="$CONTAINER-guest"
+    docker run -d --init --name "$GUEST_CONTAINER" -p "127.0.0.1:$PORT:8080" -v "$WORK/in-container:/guest:ro" "$IMAGE" \
+        node dist/main.js --config /guest/vmcgi.json --host 0.0.0.0 --port 8080 >/dev/null || fail "docker run of the image's guest failed"
+    page=""
+    for _ in $(seq 1 600); do
+        page=$(curl -s -m 30 "http://127.0.0.1:$PORT/" || true)
+        [ -z "$page" ] || break
+        [ "$(docker inspect -f '{{.State.Running}}' "$GUEST_CONTAINER")" = true ] || break
+        sleep 0.1
+    done
+    [ -n "$page" ] || docker logs --tail 20 "$GUEST_CONTAINER" >&2
+    docker rm -f "$GUEST_CONTAINER" >/dev/null 2>&1 || true
+    grep -q 'hello from a static binary' <<<"$page" || fail "the guest built in the container did not answer: $page"
+    IN_CONTAINER_MS=$(($(now_ms) - t0))
+    rm -rf "$WORK/in-container" 2>/dev/null || docker run --rm --user root -v "$WORK:/w" "$IMAGE" rm -rf /w/in-container
+else
+    step "skipped --from-image in the container: no $INDEX (bash test/images/build.sh makes it)"
+fi
+
 # ---------------------------------------------------------------- an image of this daemon as a guest
 # `npm run images -- --from-image docker-daemon:NAME:TAG`, the source no other
 # test has (it needs a daemon): the static test image (test/images/build.sh)
@@ -237,4 +270,5 @@ echo "  docker build              $(seconds "$BUILD_MS")"
 echo "  start to healthy (/up)    $(seconds "$HEALTHY_MS")"
 echo "  first request (GET /)     $(seconds "$FIRST_MS") (vmcgi-vm-boot-time: $BOOT)"
 echo "  docker stop, 1 in flight  $(seconds "$STOP_MS"), exit code $EXIT_CODE"
+[ -z "$IN_CONTAINER_MS" ] || echo "  --from-image, in container built and first answer in $(seconds "$IN_CONTAINER_MS")"
 [ -z "$FROM_DAEMON_MS" ] || echo "  docker-daemon: image      built and first answer in $(seconds "$FROM_DAEMON_MS")"

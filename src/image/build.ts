@@ -73,8 +73,7 @@ export async function buildImageGuest(options: BuildOptions): Promise<BuiltGuest
   log(`    runs ${JSON.stringify(app.argv)} as ${app.user.uid}:${app.user.gid} in ${app.cwd}, on port ${app.port}`)
 
   mkdirSync(out, { recursive: true })
-  await runRecipe(options.imagesDir, 'kernel.sh', blob.arch, out)
-  await runRecipe(options.imagesDir, 'image-init.sh', blob.arch, out)
+  await guestFiles(options.imagesDir, blob.arch, out, log)
 
   log('==> writing the initramfs and vmcgi.json')
   const initramfs = cpioArchive([
@@ -142,6 +141,27 @@ async function flattenedImage(source: Source, blob: ImageConfigBlob, cache: stri
     disk: join(dir, 'root.erofs'),
     etc: { passwd: readFileSync(join(dir, 'passwd'), 'utf8'), group: readFileSync(join(dir, 'group'), 'utf8') },
   }
+}
+
+/**
+ * The kernel and the init for `arch`, into `out`: built by their recipes
+ * (cached), or, where the recipes are not installed (the Docker image), the
+ * ones this installation ships in images/out/ARCH/.
+ */
+async function guestFiles(imagesDir: string, arch: GuestArch, out: string, log: (line: string) => void): Promise<void> {
+  if (existsSync(join(imagesDir, 'kernel.sh'))) {
+    await runRecipe(imagesDir, 'kernel.sh', arch, out)
+    await runRecipe(imagesDir, 'image-init.sh', arch, out)
+    return
+  }
+  const shipped = join(imagesDir, 'out', arch)
+  for (const name of ['Image', 'image-init']) {
+    if (!existsSync(join(shipped, name))) {
+      throw new ImageError('arch', `this installation has no ${arch} guest to run the image on (no ${join(shipped, name)}, and no recipe to build one)`)
+    }
+    copyFileSync(join(shipped, name), join(out, name))
+  }
+  log(`==> the ${arch} kernel and init of this installation (${shipped})`)
 }
 
 async function runRecipe(imagesDir: string, recipe: string, arch: GuestArch, out: string): Promise<void> {
