@@ -49,8 +49,9 @@ export interface StartMode {
   openInherited(): number[]
   /** Once QEMU is spawned, before its guest is probed. */
   restore(attempt: Attempt, signal: AbortSignal): Promise<void>
-  /** What the VM is ready at instead of an HTTP answer, if anything. */
+  /** What the VM is ready at instead of an HTTP answer, if anything, and what the boot timeout says it did not do. */
   awaitReady?(attempt: Attempt, signal: AbortSignal): Promise<void>
+  readonly readyWhen?: string
   /** Runs while the guest is probed, if there is anything to do; the VM is ready once both are done. */
   reseed(attempt: Attempt, signal: AbortSignal): Promise<void> | undefined
   /** Saves a ready VM for clones to restore; only the template has it. */
@@ -92,7 +93,12 @@ export function templateMode(files: SnapshotFiles, qmpSocket: string, { at }: { 
     sandbox: false,
     openInherited: () => [],
     restore: async () => {},
-    ...(at === 'boot' ? { awaitReady: async (attempt: Attempt, signal: AbortSignal) => void await attempt.console.waitFor([bootedLine], signal) } : {}),
+    ...(at === 'boot'
+      ? {
+          awaitReady: async (attempt: Attempt, signal: AbortSignal) => void await attempt.console.waitFor([bootedLine], signal),
+          readyWhen: `print "${bootedLine}" (vm.snapshot.at "boot" needs a guest that knows ${startOnSeedArg})`,
+        }
+      : {}),
     reseed: () => undefined,
     save: (attempt, signal) => saveTemplate(files, qmpSocket, attempt, signal, { reseedFirst: at === 'ready' }),
     release: () => rmSync(qmpSocket, { force: true }),
@@ -127,7 +133,7 @@ export function cloneMode(files: SnapshotFiles, { reseed, at }: { reseed: boolea
     // waits for. A probe would cost what the request costs, on a single vCPU
     // with an empty translation cache. A template saved before its app, or a
     // clone left unreseeded, is probed as a boot is.
-    ...(reseed && at === 'ready' ? { awaitReady: async () => {} } : {}),
+    ...(reseed && at === 'ready' ? { awaitReady: async () => {}, readyWhen: 'answer its reseed' } : {}),
     reseed: reseed ? reseedGuest : () => undefined,
     release: () => rmSync(qmpSocket, { force: true }),
   }

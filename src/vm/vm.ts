@@ -111,9 +111,9 @@ export class QemuVm implements GuestVm {
     const { readiness, vm } = this.#env.config
     const deadline = new AbortController()
     // Which port and path were probed: a guest's server on another port is the usual mistake.
-    const probed = `GET ${readiness.path} on guest port ${vm.guestPort}`
+    const awaited = this.#mode.readyWhen ?? `answer GET ${readiness.path} on guest port ${vm.guestPort}`
     const timer = setTimeout(
-      () => deadline.abort(new VmcgiError('BOOT_TIMEOUT', `the guest did not answer ${probed} within ${readiness.timeoutMs} ms`)),
+      () => deadline.abort(new VmcgiError('BOOT_TIMEOUT', `the guest did not ${awaited} within ${readiness.timeoutMs} ms`)),
       readiness.timeoutMs,
     )
     const stopped = () => new VmcgiError('VM_EXITED', 'the VM was stopped while it booted')
