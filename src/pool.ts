@@ -1,7 +1,12 @@
 // Where a request's VM comes from. With `pool.size` = N > 0, N VMs are booted
 // ahead of demand and each serves exactly one request; a replacement boots in
-// the background as soon as one is taken. When the pool is empty (a burst, or
-// size 0) the request boots its own VM, as it would without a pool.
+// the background as soon as one is taken. When the pool is empty, a request
+// takes the next replacement that finishes booting, unwarmed, if one is
+// booting that no other request waits for; else (a larger burst, or size 0)
+// it boots its own VM, as it would without a pool. So under load the pool
+// boots no VM that a request does not use, and warms up none that a request
+// waits for: it never costs throughput, which on a machine of few cores a
+// refill competing with the requests' own boots would.
 
 import { performance } from 'node:perf_hooks'
 import type { FastifyBaseLogger } from 'fastify'
@@ -28,6 +33,8 @@ export class VmPool {
   #refilling = 0
   #closed = false
   #backoff: NodeJS.Timeout | undefined
+  /** Requests waiting for a refill to finish booting; given undefined when it failed or the pool closed. */
+  #waiters: Array<(vm: GuestVm | undefined) => void> = []
 
   #onBooted: (vm: GuestVm) => void
   #warmUp: (vm: GuestVm) => Promise<void>
@@ -76,6 +83,14 @@ export class VmPool {
       log.debug({ vm: warm.id }, 'took a warm VM from the pool')
       return { vm: warm, waitMs: 0, warm: true }
     }
+    if (this.#refilling > this.#waiters.length) {
+      const adopted = await this.#nextRefill(signal)
+      if (adopted) {
+        log.debug({ vm: adopted.id }, 'took a VM the pool had been booting')
+        return { vm: adopted, waitMs: performance.now() - started, warm: false }
+      }
+      if (this.#closed) throw new VmcgiError('SHUTTING_DOWN', 'vmcgi is shutting down')
+    }
     const vm = this.#createVm(log)
     this.#booting.add(vm)
     try {
@@ -90,9 +105,34 @@ export class VmPool {
     return { vm, waitMs: performance.now() - started, warm: false }
   }
 
+  /** Waits for the next refill to boot; undefined when it failed, or the pool closed. */
+  #nextRefill(signal: AbortSignal): Promise<GuestVm | undefined> {
+    signal.throwIfAborted()
+    return new Promise((resolve, reject) => {
+      const waiter = (vm: GuestVm | undefined) => {
+        signal.removeEventListener('abort', onAbort)
+        resolve(vm)
+      }
+      const onAbort = () => {
+        this.#waiters.splice(this.#waiters.indexOf(waiter), 1)
+        reject(signal.reason)
+      }
+      signal.addEventListener('abort', onAbort, { once: true })
+      this.#waiters.push(waiter)
+    })
+  }
+
+  /** Gives a just-booted VM to the request that has waited longest, if one waits. */
+  #handOff(vm: GuestVm | undefined): boolean {
+    const waiter = this.#waiters.shift()
+    waiter?.(vm)
+    return waiter !== undefined
+  }
+
   /** Refuses new work and kills every VM the pool holds or is booting. */
   async destroy(): Promise<void> {
     this.#closed = true
+    while (this.#handOff(undefined));
     clearTimeout(this.#backoff)
     const all = [...this.#ready, ...this.#booting]
     this.#ready = []
@@ -116,9 +156,13 @@ export class VmPool {
     try {
       await vm.boot(new AbortController().signal)
       this.#onBooted(vm)
+      // A request waiting for a VM is not kept waiting for the warm-up too.
+      if (!this.#closed && this.#handOff(vm)) return
       await this.#warmUp(vm)
     } catch (error) {
       await vm.destroy(error as Error)
+      // The request that waited for this one boots its own.
+      this.#handOff(undefined)
       if (this.#closed) return
       this.#log.warn({ err: error, vm: vm.id }, `pool VM failed to boot; retrying in ${refillBackoffMs} ms`)
       // Several boots may fail together: one backoff for all of them.
@@ -135,6 +179,7 @@ export class VmPool {
       await vm.destroy(new VmcgiError('SHUTTING_DOWN', 'the pool closed while the VM booted'))
       return
     }
+    if (this.#handOff(vm)) return
     this.#ready.push(vm)
     this.#log.info({ vm: vm.id, bootMs: vm.bootMs, pooled: this.#ready.length }, 'warm VM ready')
     // A warm VM that dies while it waits is dropped and replaced.

@@ -37,8 +37,12 @@ export class FakeVm implements GuestVm {
     return `http://127.0.0.1:${(this.#guest!.address() as AddressInfo).port}`
   }
 
+  /** Holds the boot until it resolves, for a test to choose when a VM is up. */
+  bootGate: Promise<void> = Promise.resolve()
+
   async boot(signal: AbortSignal): Promise<void> {
     this.state = 'booting'
+    await this.bootGate
     if (this.#behaviour === 'exit') throw new VmcgiError('VM_EXITED', 'QEMU exited (status 1)')
     if (this.#behaviour === 'hang') {
       await new Promise((_resolve, reject) => signal.addEventListener('abort', () => reject(signal.reason)))

@@ -46,6 +46,38 @@ describe('VmPool', () => {
     expect(new Set([first!.vm, second!.vm, third!.vm]).size).toBe(3)
   })
 
+  it('gives a request that finds the pool empty the VM the pool is booting, unwarmed, rather than boot one more', async () => {
+    const { createVm, vms } = fakeVmFactory('ok', (_req, res) => res.end('ok'))
+    let release!: () => void
+    const gate = new Promise<void>((resolve) => (release = resolve))
+    const warmUps: string[] = []
+    const vmPool = new VmPool(1, (l) => {
+      const vm = createVm(l) as (typeof vms)[number]
+      vm.bootGate = gate
+      return vm
+    }, log, { warmUp: async (vm) => void warmUps.push(vm.id) })
+    onTestFinished(() => vmPool.destroy())
+    vmPool.start()
+    const taken = vmPool.take(log, never)
+    await new Promise((resolve) => setTimeout(resolve, 20))
+    expect(vms).toHaveLength(1) // the request waits for the pool's VM; it boots none of its own
+    release()
+    const { vm, warm } = await taken
+    expect(vm).toBe(vms[0])
+    expect(warm).toBe(false)
+    expect(warmUps).not.toContain(vm.id)
+    // The pool boots a replacement, warmed as usual.
+    await expect.poll(() => vmPool.ready).toBe(1)
+    expect(warmUps).toEqual([vms[1]!.id])
+  })
+
+  it('boots the request its own VM when the pool\'s boot it waited for fails', async () => {
+    const { vmPool, vms } = pool(1, 'exit')
+    vmPool.start()
+    await expect(vmPool.take(log, never)).rejects.toMatchObject({ code: 'VM_EXITED' })
+    expect(vms.length).toBeGreaterThanOrEqual(2)
+  })
+
   it('with size 0 boots every VM on demand and keeps none', async () => {
     const { vmPool, vms } = pool(0)
     vmPool.start()
