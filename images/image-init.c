@@ -163,16 +163,21 @@ static void parse_groups(struct app *app, char *list) {
 	}
 }
 
+/* The whole file, read to its end: procfs files report a size of 0 or less
+ * than they hold. */
 static char *read_file(const char *path, size_t *size) {
-	struct stat st;
-	char *text;
-	size_t done = 0;
+	char *text = NULL;
+	size_t done = 0, room = 0;
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0 || fstat(fd, &st) < 0) fail("open %s", path);
-	text = malloc((size_t)st.st_size + 1);
-	if (!text) fail("malloc");
-	while (done < (size_t)st.st_size) {
-		ssize_t got = read(fd, text + done, (size_t)st.st_size - done);
+	if (fd < 0) fail("open %s", path);
+	for (;;) {
+		ssize_t got;
+		if (done + 1 >= room) {
+			room = room ? room * 2 : 4096;
+			text = realloc(text, room);
+			if (!text) fail("realloc");
+		}
+		got = read(fd, text + done, room - done - 1);
 		if (got < 0) fail("read %s", path);
 		if (got == 0) break;
 		done += (size_t)got;
@@ -395,29 +400,42 @@ static void run_app(const struct app *app) {
 
 /* ---------------------------------------------------------------- PID 1's loop */
 
-/* Whether a line of /proc/net/tcp or tcp6 is a socket listening on port:
+enum listener { NOT_LISTENING, LISTENING, LOOPBACK_ONLY };
+
+/* What a line of /proc/net/tcp or tcp6 says of port:
  * "  0: 0100007F:1F90 00000000:0000 0A ...", hexadecimal but for the slot.
- * (sscanf would do, and would add a tenth to the size of this program.) */
-static int is_listener(const char *line, unsigned port) {
-	char *p = strchr(line, ':'); /* the header line has none */
-	if (!p || !(p = strchr(p + 1, ':')) || strtoul(p + 1, &p, 16) != port) return 0;
-	if (!(p = strchr(p, ':'))) return 0;
+ * A listener counts if QEMU's forwarded connections reach it: bound to any
+ * address (all zeros) or to 10.0.2.15 (0F02000A, in the kernel's order);
+ * one on another address (127.0.0.1) is told apart, so that the app's
+ * mistake can be named. (sscanf would do, and would add a tenth to the size
+ * of this program.) */
+static enum listener listener_in_line(const char *line, unsigned port) {
+	char *address = strchr(line, ':'), *p; /* the header line has none */
+	size_t length;
+	if (!address || !(p = strchr(address + 1, ':')) || strtoul(p + 1, &p, 16) != port) return NOT_LISTENING;
+	address += 2; /* past ": " */
+	length = (size_t)(strchr(address, ':') - address);
+	if (!(p = strchr(p, ':'))) return NOT_LISTENING;
 	strtoul(p + 1, &p, 16); /* the remote port */
-	return strtoul(p, NULL, 16) == 0x0A;
+	if (strtoul(p, NULL, 16) != 0x0A) return NOT_LISTENING;
+	if (strspn(address, "0") >= length || (length == 8 && !strncmp(address, "0F02000A", 8))) return LISTENING;
+	return LOOPBACK_ONLY;
 }
 
-static int listening_in(const char *table, unsigned port) {
+static enum listener listener_in(const char *table, unsigned port) {
 	char line[512];
-	int found = 0;
+	enum listener found = NOT_LISTENING, here;
 	FILE *file = fopen(table, "re");
-	if (!file) return 0; /* tcp6: no IPv6 in the kernel */
-	while (!found && fgets(line, sizeof line, file)) found = is_listener(line, port);
+	if (!file) return NOT_LISTENING; /* tcp6: no IPv6 in the kernel */
+	while (found != LISTENING && fgets(line, sizeof line, file))
+		if ((here = listener_in_line(line, port)) != NOT_LISTENING) found = here;
 	fclose(file);
 	return found;
 }
 
-static int listening(unsigned port) {
-	return listening_in("/proc/net/tcp", port) || listening_in("/proc/net/tcp6", port);
+static enum listener listening(unsigned port) {
+	enum listener v4 = listener_in("/proc/net/tcp", port);
+	return v4 == LISTENING ? v4 : (listener_in("/proc/net/tcp6", port) == LISTENING ? LISTENING : v4);
 }
 
 __attribute__((noreturn))
@@ -463,7 +481,8 @@ static int on_command_line(const char *word) {
  * (wait_for_seed) once the console brings the first seed. */
 __attribute__((noreturn))
 static void supervise(const struct app *app, int wait_for_seed, int signals, struct reseed_console *reseed) {
-	int ready = 0, console_open = 1;
+	int ready = 0, console_open = 1, warned = 0;
+	enum listener listens = NOT_LISTENING;
 	pid_t pid = wait_for_seed ? 0 : start_app(app);
 	if (wait_for_seed) dprintf(console, "vmcgi: booted\n");
 	for (;;) {
@@ -475,9 +494,12 @@ static void supervise(const struct app *app, int wait_for_seed, int signals, str
 			if (reseed->reseeded == 0) continue;
 			pid = start_app(app);
 		}
-		if (!ready && listening(app->port)) {
+		if (!ready && (listens = listening(app->port)) == LISTENING) {
 			dprintf(console, "vmcgi: ready\n");
 			ready = 1;
+		} else if (listens == LOOPBACK_ONLY && !warned) {
+			dprintf(console, "vmcgi: the app listens on port %u of a local address only: it must listen on 0.0.0.0 to be reached\n", app->port);
+			warned = 1;
 		}
 	}
 }

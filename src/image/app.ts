@@ -43,8 +43,8 @@ export function appFor(
   hostEnv: NodeJS.ProcessEnv = process.env,
 ): App {
   // An entrypoint given on the command line drops the image's Cmd, as in Docker.
-  const entrypoint = overrides.entrypoint ?? config.Entrypoint ?? []
-  const cmd = overrides.cmd ?? (overrides.entrypoint ? [] : config.Cmd ?? [])
+  const entrypoint = overrides.entrypoint ?? strings(config.Entrypoint, 'Entrypoint')
+  const cmd = overrides.cmd ?? (overrides.entrypoint ? [] : strings(config.Cmd, 'Cmd'))
   const argv = [...entrypoint, ...cmd]
   if (argv.length === 0 || !argv[0]) {
     throw new ImageError('cmd', 'the image has no command (no Entrypoint and no Cmd): give one with --cmd')
@@ -52,19 +52,21 @@ export function appFor(
 
   const user = resolveUser(overrides.user ?? config.User ?? '', etc.passwd, etc.group)
   const env = new Map<string, string>()
-  const set = (entry: string, field: string) => {
+  const set = (entry: string, field: string, fromHost: boolean) => {
     const eq = entry.indexOf('=')
     if (eq === 0) throw new ImageError(field, `"${entry}" is not NAME=VALUE`)
-    if (eq < 0) {
-      // --env NAME passes the variable on from this environment, as in Docker.
+    if (eq > 0) {
+      env.set(entry.slice(0, eq), entry.slice(eq + 1))
+    } else if (fromHost) {
+      // --env NAME passes the variable on from this environment, unset if it is unset, as in Docker.
       const value = hostEnv[entry]
-      if (value !== undefined) env.set(entry, value)
-      return
+      if (value === undefined) env.delete(entry)
+      else env.set(entry, value)
     }
-    env.set(entry.slice(0, eq), entry.slice(eq + 1))
+    // An image's own NAME without a value is dropped: the image may not read the build's environment.
   }
-  for (const entry of config.Env ?? []) set(entry, 'Env')
-  for (const entry of overrides.env ?? []) set(entry, 'env')
+  for (const entry of strings(config.Env, 'Env')) set(entry, 'Env', false)
+  for (const entry of overrides.env ?? []) set(entry, 'env', true)
   if (!env.has('PATH')) env.set('PATH', defaultPath)
   if (!env.has('HOME')) env.set('HOME', user.home)
   if (!env.has('HOSTNAME')) env.set('HOSTNAME', 'vmcgi')
@@ -78,13 +80,27 @@ export function appFor(
 /** --port, else the image's one exposed TCP port; several need --port to choose. */
 function portOf(config: ImageRunConfig, overrides: RunOverrides): number {
   if (overrides.port !== undefined) return overrides.port
-  const tcp = Object.keys(config.ExposedPorts ?? {})
+  const exposed = Object.keys(config.ExposedPorts ?? {})
+  const tcp = exposed
     .map((key) => /^(\d+)(?:\/tcp)?$/.exec(key))
     .filter((match) => match !== null)
     .map((match) => Number(match[1]))
-  if (tcp.length === 0) throw new ImageError('port', 'the image exposes no TCP port (no ExposedPorts): give the port the app listens on with --port')
+    .filter((port) => port >= 1 && port <= 65535)
+  if (tcp.length === 0) {
+    const has = exposed.length ? `only ${exposed.join(', ')}` : 'no ExposedPorts'
+    throw new ImageError('port', `the image exposes no TCP port from 1 to 65535 (${has}): give the port the app listens on with --port`)
+  }
   if (tcp.length > 1) throw new ImageError('port', `the image exposes several TCP ports (${tcp.join(', ')}): choose one with --port`)
   return tcp[0]!
+}
+
+/** A field of the image's config that must be an array of strings (or absent). */
+function strings(value: unknown, field: string): string[] {
+  if (value === undefined || value === null) return []
+  if (!Array.isArray(value) || !value.every((item) => typeof item === 'string')) {
+    throw new ImageError(field, `the image's ${field} is not an array of strings: ${JSON.stringify(value)}`)
+  }
+  return value as string[]
 }
 
 /** /vmcgi/app: NUL-terminated key=value strings, in the order images/image-init.c expects. */

@@ -2,7 +2,7 @@
 //
 //   Image               the guest kernel for the image's architecture (images/kernel.sh)
 //   root-ID.erofs       the image flattened into a read-only erofs disk, ID its config digest
-//   initramfs.cpio.gz   vmcgi's init (images/image-init.sh), /dev/console and /vmcgi/app
+//   initramfs-SHA.cpio.gz  vmcgi's init (images/image-init.sh), /dev/console and /vmcgi/app
 //   vmcgi.json          a config that serves it: `vmcgi --config DIR/vmcgi.json`
 //
 // The flattening and the disk are made once per image (its config digest,
@@ -12,8 +12,10 @@
 // a link out of the root. A new image is a new disk file, with a new name:
 // a VM that holds the old one open never sees it change.
 
+import { createHash, randomBytes } from 'node:crypto'
 import {
-  copyFileSync, existsSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync,
+  closeSync, constants, copyFileSync, existsSync, linkSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync,
+  renameSync, rmSync, statSync, writeFileSync,
 } from 'node:fs'
 import { arch as hostArch } from 'node:os'
 import { join, resolve } from 'node:path'
@@ -83,7 +85,10 @@ export async function buildImageGuest(options: BuildOptions): Promise<BuiltGuest
     ...['proc', 'sys', 'lower', 'rw', 'newroot', 'vmcgi'].map((path) => ({ type: 'dir' as const, path, mode: 0o755 })),
     { type: 'file', path: 'vmcgi/app', mode: 0o644, data: encodeApp(app) },
   ])
-  writeAtomically(join(out, 'initramfs.cpio.gz'), initramfs)
+  // Named for its contents, as the disk is: a vmcgi serving the last build
+  // boots each VM from its own initramfs, not the app spec of this one.
+  const initramfsName = `initramfs-${createHash('sha256').update(initramfs).digest('hex').slice(0, 12)}.cpio.gz`
+  writeAtomically(join(out, initramfsName), initramfs)
 
   const diskName = `root-${shortId}.erofs`
   placeDisk(flat.disk, join(out, diskName))
@@ -92,7 +97,7 @@ export async function buildImageGuest(options: BuildOptions): Promise<BuiltGuest
     vm: {
       qemu, machine, append,
       kernel: 'Image',
-      initrd: 'initramfs.cpio.gz',
+      initrd: initramfsName,
       disk: diskName,
       memoryMiB: options.memoryMiB,
       guestPort: app.port,
@@ -106,31 +111,49 @@ export async function buildImageGuest(options: BuildOptions): Promise<BuiltGuest
   writeAtomically(configPath, Buffer.from(`${JSON.stringify(config, null, 2)}\n`))
   // Disks of earlier versions: a vmcgi still serving one holds it open.
   for (const name of readdirSync(out)) {
-    if (/^root-[0-9a-f]{12}\.erofs$/.test(name) && name !== diskName) rmSync(join(out, name), { force: true })
+    const earlier = /^root-[0-9a-f]{12}\.erofs$/.test(name) || /^initramfs-[0-9a-f]{12}\.cpio\.gz$/.test(name)
+    if (earlier && name !== diskName && name !== initramfsName) rmSync(join(out, name), { force: true })
   }
   log(`==> ${configPath}`)
   return { configPath, arch: blob.arch, imageId: blob.id, app, diskBytes: statSync(flat.disk).size, initramfsBytes: initramfs.length }
 }
 
-/** The image's disk and its /etc/passwd and /etc/group, from the cache or made now. */
+/**
+ * The image's disk and its /etc/passwd and /etc/group, from the cache or made
+ * now. The cache is this user's own, mode 0700: root unpacks an image's
+ * setuid files and device nodes there, and trusts what it finds there later.
+ * An entry is complete or absent (renamed into place); of two builds of one
+ * image at once, the second to finish keeps the first's.
+ */
 async function flattenedImage(source: Source, blob: ImageConfigBlob, cache: string, log: (line: string) => void) {
+  privateFolder(cache)
   const dir = join(cache, blob.id)
   if (!existsSync(join(dir, 'root.erofs'))) {
     log('==> flattening the image into an erofs disk (once per image)')
-    mkdirSync(cache, { recursive: true })
     const work = mkdtempSync(join(cache, 'tmp-'))
     try {
       const layout = join(work, 'layout')
       const rootfs = join(work, 'rootfs')
       await copyToLayout(source, blob.arch, layout)
+      // What was copied must be what was read: a tag moved, or an archive
+      // changed, in between would otherwise be cached as the image read.
+      const copied = copiedConfigDigest(layout)
+      if (copied !== `sha256:${blob.id}`) {
+        throw new ImageError('from-image', `${source.text} changed while it was read (config ${copied}, not sha256:${blob.id}); build again`)
+      }
       await tool('umoci', ['raw', 'unpack', '--image', `${layout}:image`, rootfs], 'umoci (Debian: apt-get install umoci)')
       const built = join(work, 'built')
       mkdirSync(built)
       for (const name of ['passwd', 'group']) writeFileSync(join(built, name), readInsideRoot(rootfs, `/etc/${name}`) ?? '')
       // lz4hc: about two thirds of the plain size, and cheap to read even under emulation.
       await tool('mkfs.erofs', ['-zlz4hc', '--quiet', join(built, 'root.erofs'), rootfs], 'mkfs.erofs (Debian: apt-get install erofs-utils)')
-      rmSync(dir, { recursive: true, force: true })
-      renameSync(built, dir)
+      if (existsSync(dir) && !existsSync(join(dir, 'root.erofs'))) rmSync(dir, { recursive: true, force: true })
+      try {
+        renameSync(built, dir)
+      } catch (error) {
+        const code = (error as NodeJS.ErrnoException).code
+        if ((code !== 'ENOTEMPTY' && code !== 'EEXIST') || !existsSync(join(dir, 'root.erofs'))) throw error
+      }
     } finally {
       rmSync(work, { recursive: true, force: true })
     }
@@ -177,21 +200,48 @@ async function tool(file: string, args: string[], install: string): Promise<void
 
 /** A hard link to the cached disk (a copy across file systems); never the old file written over. */
 function placeDisk(cached: string, target: string): void {
-  if (existsSync(target)) return // the same name is the same image
-  const partial = `${target}.partial`
-  rmSync(partial, { force: true })
+  if (existsSync(target) && statSync(target).size === statSync(cached).size) return // the same name is the same image
+  const partial = partialName(target)
   try {
     linkSync(cached, partial)
-  } catch {
-    copyFileSync(cached, partial)
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'EXDEV') throw error
+    copyFileSync(cached, partial, constants.COPYFILE_EXCL)
   }
   renameSync(partial, target)
 }
 
+/** Written to a new file of a random name (never through a link planted in --out), then renamed into place. */
 function writeAtomically(path: string, data: Buffer): void {
-  const partial = `${path}.partial`
-  writeFileSync(partial, data)
+  const partial = partialName(path)
+  const fd = openSync(partial, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o644)
+  try {
+    writeFileSync(fd, data)
+  } finally {
+    closeSync(fd)
+  }
   renameSync(partial, path)
+}
+
+function partialName(path: string): string {
+  return `${path}.${randomBytes(6).toString('hex')}.partial`
+}
+
+/** Makes `dir` (mode 0700) or checks it is this user's own and no one else's to write or enter. */
+function privateFolder(dir: string): void {
+  mkdirSync(dir, { recursive: true, mode: 0o700 })
+  const stat = lstatSync(dir)
+  if (!stat.isDirectory() || stat.uid !== process.getuid?.() || (stat.mode & 0o077) !== 0) {
+    throw new ImageError('from-image', `the image cache ${dir} must be a folder of this user's own, mode 0700 (it is not: remove it, or chmod 700 it)`)
+  }
+}
+
+/** The config digest of the one image in an OCI layout that copyToLayout wrote. */
+function copiedConfigDigest(layout: string): string {
+  const index = JSON.parse(readFileSync(join(layout, 'index.json'), 'utf8')) as { manifests: { digest: string }[] }
+  const digest = index.manifests[0]?.digest ?? ''
+  const manifest = JSON.parse(readFileSync(join(layout, 'blobs', ...digest.split(':')), 'utf8')) as { config?: { digest?: string } }
+  return manifest.config?.digest ?? 'none'
 }
 
 function hostGuestArch(): GuestArch {

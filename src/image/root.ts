@@ -3,19 +3,35 @@
 // an image whose /etc/passwd links to /etc/shadow (or ../../..) reads its own
 // files and never the host's.
 
-import { lstatSync, readFileSync, readlinkSync } from 'node:fs'
+import { closeSync, constants, fstatSync, lstatSync, openSync, readFileSync, readlinkSync } from 'node:fs'
 import { join, posix } from 'node:path'
 
 const maxLinks = 40
+/** More than any passwd or group file; an image's "passwd" beyond it is not read. */
+const maxBytes = 1 << 20
 
-/** The contents of `path` (absolute, as in the guest) inside `root`, or undefined if it does not exist there. */
+/**
+ * The contents of the regular file `path` (absolute, as in the guest) inside
+ * `root`, or undefined if there is none there. Anything else is not read: an
+ * image can make its /etc/passwd a FIFO (the build would hang) or a device
+ * node, which umoci, as root, creates for real (the build would read the
+ * host's disk).
+ */
 export function readInsideRoot(root: string, path: string): string | undefined {
   const resolved = resolveInsideRoot(root, path)
   if (resolved === undefined) return undefined
+  let fd: number
   try {
-    return readFileSync(join(root, resolved), 'utf8')
+    fd = openSync(join(root, resolved), constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK)
   } catch {
     return undefined
+  }
+  try {
+    const stat = fstatSync(fd)
+    if (!stat.isFile() || stat.size > maxBytes) return undefined
+    return readFileSync(fd, 'utf8')
+  } finally {
+    closeSync(fd)
   }
 }
 

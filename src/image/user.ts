@@ -19,6 +19,8 @@ interface PasswdEntry { name: string; uid: number; gid: number; home: string }
 interface GroupEntry { name: string; gid: number; members: string[] }
 
 const numeric = /^\d+$/
+/** The largest id the kernel takes: (uid_t)-1 is "no change". */
+const maxId = 4294967294
 
 export function resolveUser(user: string, passwdText: string, groupText: string): ResolvedUser {
   const passwd = parseColonFile(passwdText, 7).map(([name, , uid, gid, , home]) => ({
@@ -52,6 +54,9 @@ export function resolveUser(user: string, passwdText: string, groupText: string)
   const supplementary = groupPart === undefined && entry
     ? groups.filter((group) => group.members.includes(entry.name)).map((group) => group.gid)
     : []
+  for (const [name, id] of [['uid', uid], ['gid', gid]] as const) {
+    if (id > maxId) throw new ImageError('user', `${name} ${id} is larger than ${maxId}`)
+  }
   return { uid, gid, groups: [...new Set([gid, ...supplementary])], home: entry?.home ?? '/' }
 }
 

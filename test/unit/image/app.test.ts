@@ -43,6 +43,12 @@ describe('appFor', () => {
     expect(appFor(python, { entrypoint: ['/bin/sh'] }, etc).argv).toEqual(['/bin/sh'])
   })
 
+  it('never reads the build\'s environment for the image\'s own Env; --env NAME does, and unsets what is unset', () => {
+    const app = appFor({ ...python, Env: ['SECRET', 'GREETING=hi'] }, { env: ['GREETING'] }, etc, { SECRET: 'of the host' })
+    expect(app.env.some((entry) => entry.startsWith('SECRET'))).toBe(false)
+    expect(app.env.some((entry) => entry.startsWith('GREETING'))).toBe(false)
+  })
+
   it('gives a default PATH and / as the working directory when the image has none', () => {
     const app = appFor({ Cmd: ['/server'], ExposedPorts: { '80/tcp': {} } }, {}, etc)
     expect(app.env[0]).toBe(`PATH=${defaultPath}`)
@@ -55,6 +61,9 @@ describe('appFor', () => {
     expect(fieldOf(() => appFor({ ...python, ExposedPorts: { '53/udp': {} } }, {}, etc))).toBe('port')
     expect(fieldOf(() => appFor({ ...python, ExposedPorts: { '80/tcp': {}, '443/tcp': {} } }, {}, etc))).toBe('port')
     expect(fieldOf(() => appFor(python, { workdir: 'app' }, etc))).toBe('workdir')
+    expect(fieldOf(() => appFor({ ...python, ExposedPorts: { '0/tcp': {} } }, {}, etc))).toBe('port')
+    expect(fieldOf(() => appFor({ ...python, Entrypoint: 'python3 app.py' as unknown as string[] }, {}, etc))).toBe('Entrypoint')
+    expect(fieldOf(() => appFor({ ...python, Env: [1] as unknown as string[] }, {}, etc))).toBe('Env')
     expect(fieldOf(() => appFor(python, { user: 'ghost' }, etc))).toBe('user')
   })
 })

@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process'
 import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -31,6 +32,14 @@ describe('readInsideRoot', () => {
     expect(readInsideRoot(root, '/etc/group')).toBe('group of the image')
     expect(resolveInsideRoot(root, '/etc/shadow')).toBe('/secret')
     expect(readInsideRoot(root, '/etc/shadow')).toBe('the image\'s file')
+  })
+
+  it('reads no FIFO, device or folder: an image can plant them as its /etc/passwd', () => {
+    execFileSync('mkfifo', [join(root, 'etc/fifo')])
+    symlinkSync('/dev/zero', join(root, 'etc/zero')) // inside the root: its own (absent) /dev/zero
+    expect(readInsideRoot(root, '/etc/fifo')).toBeUndefined()
+    expect(readInsideRoot(root, '/etc/zero')).toBeUndefined()
+    expect(readInsideRoot(root, '/etc')).toBeUndefined()
   })
 
   it('gives up on a missing file and on a loop of links', () => {

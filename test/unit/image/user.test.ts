@@ -50,5 +50,6 @@ describe('resolveUser', () => {
     expect(fieldOf(() => resolveUser('app:', passwd, group))).toBe('user')
     expect(fieldOf(() => resolveUser('a:b:c', passwd, group))).toBe('user')
     expect(fieldOf(() => resolveUser('app', '', ''))).toBe('user')
+    expect(fieldOf(() => resolveUser('4294967295', passwd, group))).toBe('user')
   })
 })
