@@ -104,8 +104,13 @@ export async function buildImageGuest(options: BuildOptions): Promise<BuiltGuest
       ...(options.clone ? { snapshot: { enabled: true, at: options.clone } } : {}),
     },
     // A language runtime starts in seconds under emulation, not in the
-    // default guest's fraction of one.
-    readiness: { path: options.readinessPath, timeoutMs: 30000 },
+    // default guest's fraction of one. vmcgi's init prints the ready line as
+    // soon as the app listens, which starts a probe at once: polling is only
+    // the fallback, and a slow one. Probes every 20 ms, most of them sent
+    // before the guest's network is up and retried by slirp later, would fill
+    // a small listen backlog (Python's is 5) the moment the app listens, and
+    // the request's own SYN would wait for slirp's retry, 6 s.
+    readiness: { path: options.readinessPath, timeoutMs: 30000, intervalMs: 1000 },
   }
   const configPath = join(out, 'vmcgi.json')
   writeAtomically(configPath, Buffer.from(`${JSON.stringify(config, null, 2)}\n`))

@@ -13,6 +13,14 @@
 // then never see an answer, so each attempt may last at least half as long as
 // the wait so far, and the attempt the console line starts waits for its
 // answer as long as the caller's signal allows.
+//
+// Once the console line is seen, the overlapping attempts stop and those in
+// flight are dropped: from then on one attempt at a time, a new one only when
+// the last ended unanswered. A guest that listens with a small backlog
+// (Python's socketserver takes 5) would otherwise find it full of abandoned
+// probes, drop the SYN of the request itself, and have it retried by slirp
+// seconds later; a clone template saved then would keep that backlog full in
+// every clone.
 
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs'
 import { connect, type Socket } from 'node:net'
@@ -52,6 +60,7 @@ export function waitUntilReady(options: ReadinessOptions): Promise<void> {
       if (settled) return
       settled = true
       clearInterval(timer)
+      clearTimeout(retry)
       signal.removeEventListener('abort', onAbort)
       for (const socket of sockets.keys()) socket.destroy()
       if (error === undefined) resolve()
@@ -61,7 +70,8 @@ export function waitUntilReady(options: ReadinessOptions): Promise<void> {
 
     const started = performance.now()
     const young = (now: number) => [...sockets.values()].filter((since) => now - since < attemptTimeoutMs).length
-    /** One probe; `patient` ones have no time limit of their own and no cap. */
+    let retry: NodeJS.Timeout | undefined
+    /** One probe; `patient` ones have no time limit of their own and no cap, and are made again until answered. */
     const attempt = (patient = false) => {
       const now = performance.now()
       if (settled || (!patient && (sockets.size >= maxOpen || young(now) >= maxYoung))) return
@@ -74,12 +84,20 @@ export function waitUntilReady(options: ReadinessOptions): Promise<void> {
         else socket.destroy()
       })
       socket.on('error', () => {})
-      socket.once('close', () => sockets.delete(socket))
+      socket.once('close', () => {
+        sockets.delete(socket)
+        if (patient && !settled) retry = setTimeout(() => attempt(true), intervalMs)
+      })
     }
 
     signal.addEventListener('abort', onAbort, { once: true })
     const timer = setInterval(() => attempt(), intervalMs)
-    options.consoleReady?.then(() => attempt(true), () => {})
+    options.consoleReady?.then(() => {
+      if (settled) return
+      clearInterval(timer)
+      for (const socket of sockets.keys()) socket.destroy()
+      attempt(true)
+    }, () => {})
     attempt()
   })
 }
