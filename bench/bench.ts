@@ -1,320 +1,257 @@
-// npm run bench: vmcgi against a bare QEMU boot of the same guest, side by
-// side in one run, on this machine. Prints a table and writes JSON.
+// npm run bench: vmcgi against its peers (a bare QEMU boot of the same guest,
+// a fresh container per request), side by side in one run, on this machine.
+// Prints a table and the targets, and writes JSON to bench/out/.
 //
 // Cases:
-//   baseline  spawn the QEMU command vmcgi would, poll GET / until 200, kill it
-//   cold      vmcgi, every request boots its own VM
-//   pool      vmcgi with pool.size VMs booted ahead
-//   clone     vmcgi restoring a copy-on-write clone of a saved template
-//   direct    GET / to one guest that is already up: the floor
-//   silent    as cold, but vmcgi ignores the guest's ready line: a guest that
-//             prints nothing, served by HTTP probing alone (latency only)
+//   direct       GET / to one guest that is already up: the floor
+//   baseline     spawn the QEMU command vmcgi would, poll GET / until 200, kill it
+//   cold         vmcgi, every request boots its own VM
+//   silent       as cold, but vmcgi ignores the guest's ready line: a guest that
+//                prints nothing, served by HTTP probing alone (latency only)
+//   pool         vmcgi with pool.size 2, VMs booted ahead
+//   clone        vmcgi restoring a copy-on-write clone of a saved template
+//   pool+clone   both: a pool of 2 restored, reseeded clones
+//   container    docker run of a busybox httpd image, GET / until 200, docker rm -f
+//                (skipped when no Docker daemon answers; latency, req/s at c=1)
+//   image cold   the Python test image as a guest (images/build.sh --from-image), booted per request
+//   image clone  the same, in clone mode
+// and the memory of an idle clone against a booted guest, for both guests.
 //
-// Every loop is bounded in count and time; every QEMU started here is killed.
+// Environment: BENCH_SAMPLES (15) latency samples per case, BENCH_IMAGE_SAMPLES
+// (8) for the image cases, BENCH_SECONDS (12) per throughput point.
+//
+// Every loop is bounded in count and time; every QEMU and container started
+// here is stopped, on failure too, and the end of the run checks that none is left.
 
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import { availableParallelism, cpus, tmpdir, totalmem } from 'node:os'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
-import getPort from 'get-port'
-import { Agent, request } from 'undici'
-import { normalizeConfig, type Config } from '../src/config.js'
-import { chooseAccel, guestArchOf, readHostFacts } from '../src/vm/accel.js'
-import { buildQemuArgs } from '../src/vm/qemu-args.js'
-import { cpuSeconds, memoryOf } from '../test/support/proc.js'
-import { repo, spawnVmcgi, type VmcgiProcess } from '../test/support/vmcgi.js'
+import { cpuSeconds, memoryOf, qemuProcesses } from '../test/support/proc.js'
+import { bareNamePrefix, baselineOnce, killAllBare, killBare, spawnBare } from './bare.js'
+import { containerOnce, containerUnavailable, loadContainerImage, removeLeftContainers } from './container.js'
+import { defaultGuest, pythonGuest, type Guest, type RawConfig } from './guests.js'
+import { closedLoop, dispatcher, get, latencies, log, percentile, pollUntil200 } from './measure.js'
+import { report, type CaseMissing, type CaseResult, type Memory, type RunReport } from './report.js'
+import { breakdown, LeakError, started, stopAllVmcgi, throughput, vmcgiOnce, waitForPool, withVmcgi } from './vmcgi.js'
 
-const samples = Number(process.env.BENCH_SAMPLES ?? 15)
-const throughputSeconds = Number(process.env.BENCH_SECONDS ?? 12)
+function count(name: string, fallback: number): number {
+  const value = Number(process.env[name] ?? fallback)
+  if (!Number.isInteger(value) || value < 1) throw new Error(`${name} must be a positive integer, not ${process.env[name]}`)
+  return value
+}
+
+const samples = count('BENCH_SAMPLES', 15)
+const imageSamples = count('BENCH_IMAGE_SAMPLES', 8)
+const throughputSeconds = count('BENCH_SECONDS', 12)
 const concurrencies = [1, 2, 4]
 
-const rawConfig = JSON.parse(readFileSync(join(repo, 'config.example.json'), 'utf8')) as Record<string, Record<string, unknown>>
-const config: Config = normalizeConfig(rawConfig, { baseDir: repo })
-const accel = chooseAccel(config.vm.accel, guestArchOf(config.vm.qemu), readHostFacts())
-const dispatcher = new Agent({ keepAliveTimeout: 1_000, headersTimeout: 30_000, bodyTimeout: 30_000 })
-
-// ---------------------------------------------------------------- measuring
-
-function percentile(values: number[], p: number): number {
-  const sorted = [...values].sort((a, b) => a - b)
-  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? Number.NaN
-}
-
-async function get(url: string, timeoutMs = 30_000): Promise<{ status: number; vmcgiStatus: string | undefined }> {
-  const res = await request(url, { dispatcher, signal: AbortSignal.timeout(timeoutMs) })
-  await res.body.dump()
-  return { status: res.statusCode, vmcgiStatus: res.headers['vmcgi-status'] as string | undefined }
-}
-
-// ---------------------------------------------------------------- bare QEMU
-
-interface BareVm {
-  child: ChildProcess
-  port: number
-  exited: Promise<void>
-}
-
-async function spawnBare(): Promise<BareVm> {
-  const port = await getPort({ host: '127.0.0.1' })
-  const args = buildQemuArgs({ vm: config.vm, accel: accel.accel, hostPort: port, sandbox: true, name: 'bench' })
-  const child = spawn(config.vm.qemu, args, { stdio: ['pipe', 'ignore', 'ignore'] })
-  const exited = new Promise<void>((done) => child.once('exit', () => done()))
-  return { child, port, exited }
-}
-
-/** What a shell loop of `curl --max-time 0.1` does, without a process per try. */
-async function pollUntil200(port: number, deadlineMs = 20_000): Promise<void> {
-  const end = performance.now() + deadlineMs
-  while (performance.now() < end) {
-    try {
-      if ((await get(`http://127.0.0.1:${port}/`, 100)).status === 200) return
-    } catch {
-      // not up yet
-    }
-  }
-  throw new Error('the bare guest did not answer within 20 s')
-}
-
-async function killBare(vm: BareVm): Promise<void> {
-  vm.child.kill('SIGKILL')
-  await vm.exited
-}
-
-async function baselineOnce(): Promise<number> {
-  const started = performance.now()
-  const vm = await spawnBare()
-  try {
-    await pollUntil200(vm.port)
-    return performance.now() - started
-  } finally {
-    await killBare(vm)
-  }
-}
-
-// ---------------------------------------------------------------- vmcgi
-
-interface Vmcgi extends VmcgiProcess {
-  /** The admin listener, for /metrics. */
-  admin: string
-}
-
-let configs = 0
-
-/** Starts vmcgi with config.example.json, the bench's limits and `overrides`; resolves once both listeners are up. */
-async function startVmcgi(overrides: Record<string, Record<string, unknown>>, dir: string): Promise<Vmcgi> {
-  const file = join(dir, `config-${++configs}.json`)
-  writeFileSync(file, JSON.stringify({
-    ...rawConfig,
-    ...overrides,
-    log: { level: 'info' },
-    admin: { port: 0 },
-    limits: { maxVms: 8, queue: { size: 64, maxWaitMs: 60_000 } },
-    vm: { ...rawConfig.vm, kernel: config.vm.kernel, initrd: config.vm.initrd, ...overrides.vm },
-  }))
-  // Clone mode boots and saves its template before it listens, which takes a while under TCG.
-  const vmcgi = await spawnVmcgi(file, { stderr: 'inherit', listenTimeoutMs: 180_000 })
-  try {
-    return { ...vmcgi, admin: await vmcgi.adminUrl() }
-  } catch (error) {
-    await stopVmcgi(vmcgi)
-    throw error
-  }
-}
-
-/** Stops vmcgi; a QEMU that outlives it would skew the cases after it, so that fails the run. */
-async function stopVmcgi(vmcgi: VmcgiProcess): Promise<void> {
-  const outlived = await vmcgi.stop()
-  if (outlived.length > 0) throw new Error(`QEMU outlived vmcgi: ${outlived.join(', ')}`)
-}
-
-/** Waits until the pool is full again, as /metrics says. */
-async function waitForPool(vmcgi: Vmcgi, size: number): Promise<void> {
-  const end = performance.now() + 30_000
-  while (performance.now() < end) {
-    const res = await request(`${vmcgi.admin}/metrics`, { dispatcher })
-    const pooled = Number(/^vmcgi_vms\{state="pooled"\} (\d+)/m.exec(await res.body.text())?.[1] ?? 0)
-    if (pooled >= size) return
-    await sleep(20)
-  }
-  throw new Error('the pool did not fill within 30 s')
-}
-
-async function vmcgiOnce(vmcgi: Vmcgi): Promise<number> {
-  const started = performance.now()
-  const answer = await get(`${vmcgi.url}/`)
-  if (answer.status !== 200 || answer.vmcgiStatus !== 'OK') throw new Error(`vmcgi answered ${answer.status} ${answer.vmcgiStatus}`)
-  return performance.now() - started
-}
-
-/** Closed-loop load: `concurrency` clients, each sending its next request when the last is answered. */
-async function throughput(vmcgi: Vmcgi, concurrency: number): Promise<{ rps: number; ok: number; failed: number; cpuPerVm: number; why: string[] }> {
-  const before = await cpuSeconds(vmcgi.child.pid!)
-  const end = performance.now() + throughputSeconds * 1000
-  let ok = 0
-  let failed = 0
-  const why: string[] = []
-  const started = performance.now()
-  await Promise.all(Array.from({ length: concurrency }, async () => {
-    while (performance.now() < end) {
-      try {
-        const answer = await get(`${vmcgi.url}/`)
-        if (answer.status === 200) ok++
-        else {
-          failed++
-          why.push(`${answer.status} ${answer.vmcgiStatus}`)
-        }
-      } catch (error) {
-        failed++
-        why.push(String((error as Error).message))
-      }
-    }
-  }))
-  const seconds = (performance.now() - started) / 1000
-  await sleep(1_500) // let the last VMs be reaped, so their CPU time is counted
-  const after = await cpuSeconds(vmcgi.child.pid!)
-  const cpu = after.self - before.self + after.children - before.children
-  return { rps: ok / seconds, ok, failed, cpuPerVm: ok ? cpu / ok : Number.NaN, why }
-}
-
-// ---------------------------------------------------------------- the run
-
-interface CaseResult {
+interface VmcgiCase {
   name: string
-  p50: number
-  p95: number
-  rps: Record<number, number>
-  failures: number
-  cpuPerVm?: number
+  guest: Guest
+  overrides: RawConfig
+  /** Each latency sample (and each throughput point) waits for a full pool first. */
+  poolSize: number
+  concurrencies: number[]
+  samples: number
+  path: string
+  /** Per request. */
+  timeoutMs: number
 }
 
-async function latencies(run: () => Promise<number>, before?: () => Promise<void>): Promise<number[]> {
-  const values: number[] = []
-  for (let i = 0; i < samples; i++) {
-    await before?.()
-    values.push(await run())
+/** Latency, then throughput at each concurrency, through one vmcgi. */
+async function vmcgiCase(c: VmcgiCase, workDir: string): Promise<CaseResult> {
+  return withVmcgi(c.guest, c.overrides, workDir, async (vmcgi) => {
+    const poolFull = c.poolSize ? () => waitForPool(vmcgi, c.poolSize) : undefined
+    const firstLine = vmcgi.logLines().length
+    const times = await latencies(c.samples, () => vmcgiOnce(vmcgi, c.path, c.timeoutMs), { before: poolFull, name: c.name })
+    const result: CaseResult = {
+      name: c.name, samples: times.length, p50: percentile(times, 50), p95: percentile(times, 95), rps: {}, failures: 0,
+      breakdown: breakdown(vmcgi.logLines().slice(firstLine)),
+    }
+    for (const concurrency of c.concurrencies) {
+      await poolFull?.()
+      const point = await throughput(vmcgi, concurrency, throughputSeconds, c.path, c.timeoutMs)
+      result.rps[concurrency] = point.rps
+      result.failures += point.failed
+      if (point.why.length) log(`${c.name} c=${concurrency} failures: ${point.why.join('; ')}`)
+      if (concurrency === Math.max(...c.concurrencies)) result.cpuPerVm = point.cpuPerVm
+    }
+    return result
+  })
+}
+
+/** The memory of the one pooled VM of a vmcgi with `pool.size: 1`, idle and ready. */
+async function pooledMemory(guest: Guest, overrides: RawConfig, workDir: string): Promise<Memory> {
+  return withVmcgi(guest, { ...overrides, pool: { size: 1 } }, workDir, async (vmcgi) => {
+    await waitForPool(vmcgi, 1, 120_000)
+    await sleep(1_000)
+    const pids = await vmcgi.qemuChildren()
+    if (pids.length !== 1) throw new Error(`a pool of one, idle, has ${pids.length} QEMU processes`)
+    return memoryOf(pids[0]!)
+  })
+}
+
+/** Every qemu-system process this run started that is still running; each is killed. */
+async function leftoverQemus(): Promise<string[]> {
+  const ours = (await qemuProcesses()).filter((q) => q.state !== 'Z' && (
+    q.ppid === process.pid || started.pids.has(q.ppid)
+    || (q.name !== undefined && (q.name.startsWith(bareNamePrefix) || started.vmIds.has(q.name)))))
+  for (const q of ours) {
+    try {
+      process.kill(q.pid, 'SIGKILL')
+    } catch {
+      // gone already
+    }
   }
-  return values
+  return ours.map((q) => `qemu ${q.pid} (${q.name ?? 'no -name'}, parent ${q.ppid})`)
 }
 
 async function main(): Promise<void> {
+  const begun = performance.now()
   const workDir = mkdtempSync(join(tmpdir(), 'vmcgi-bench-'))
+  const guest = defaultGuest()
+  let imageGuest: Guest | undefined
   const results: CaseResult[] = []
-  const log = (text: string) => process.stderr.write(`bench: ${text}\n`)
-  const qemuVersion = /version ([^\s(]+)/.exec(execFileSync(config.vm.qemu, ['-version']).toString())?.[1] ?? 'unknown'
-  log(`${samples} samples per latency, ${throughputSeconds} s per throughput point; accel ${accel.accel}`)
+  const missing: CaseMissing[] = []
+  const memory: RunReport['memory'] = {}
+  const leftover: string[] = []
+  log(`${samples} samples per latency (${imageSamples} for the image cases), ${throughputSeconds} s per throughput point; `
+    + `accel ${guest.accel.accel}; work dir ${workDir}`)
+
+  // An interrupted run stops what it started: vmcgi (which stops its QEMUs), bare QEMUs, containers.
+  // `on`, not `once`: execa's exit hook (signal-exit) kills the process at once when it is the last listener.
+  let interrupted = false
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    process.on(signal, () => {
+      if (interrupted) return
+      interrupted = true
+      log(`${signal}: stopping what the bench started`)
+      killAllBare()
+      void stopAllVmcgi().finally(() => {
+        removeLeftContainers()
+        rmSync(workDir, { recursive: true, force: true })
+        process.exit(130)
+      })
+    })
+  }
+
+  /**
+   * Runs one case (or a step that is none: `body` resolves with null). Its
+   * error is recorded and the run goes on, unless a QEMU outlived vmcgi. A
+   * string from `body` says why the case was skipped.
+   */
+  const runCase = async (name: string, body: () => Promise<CaseResult | string | null>): Promise<void> => {
+    if (interrupted) return
+    const caseBegun = performance.now()
+    log(`${name}: starting`)
+    try {
+      const outcome = await body()
+      if (typeof outcome === 'string') {
+        missing.push({ name, skipped: outcome })
+        log(`${name}: skipped, ${outcome}`)
+        return
+      }
+      if (outcome) results.push(outcome)
+      log(`${name}: done in ${((performance.now() - caseBegun) / 1000).toFixed(0)} s`)
+    } catch (error) {
+      if (error instanceof LeakError) throw error
+      missing.push({ name, error: String((error as Error).message) })
+      log(`${name}: FAILED after ${((performance.now() - caseBegun) / 1000).toFixed(0)} s: ${(error as Error).stack}`)
+    }
+  }
 
   try {
-    // (e) direct: one guest, already up.
-    const direct = await spawnBare()
-    await pollUntil200(direct.port)
-    const directMemory = await memoryOf(direct.child.pid!)
-    const directTimes = await latencies(async () => {
-      const started = performance.now()
-      await get(`http://127.0.0.1:${direct.port}/`)
-      return performance.now() - started
-    })
-    await killBare(direct)
-    results.push({ name: 'direct', p50: percentile(directTimes, 50), p95: percentile(directTimes, 95), rps: {}, failures: 0 })
-    log('direct done')
-
-    // (a) baseline: spawn, poll, kill. CPU per VM from this process's reaped children.
-    const cpuBefore = (await cpuSeconds(process.pid)).children
-    const baselineTimes = await latencies(baselineOnce)
-    const baselineCpu = ((await cpuSeconds(process.pid)).children - cpuBefore) / samples
-    results.push({
-      name: 'baseline', p50: percentile(baselineTimes, 50), p95: percentile(baselineTimes, 95), rps: {}, failures: 0, cpuPerVm: baselineCpu,
-    })
-    log('baseline done')
-
-    const modes: Array<{ name: string; overrides: Record<string, Record<string, unknown>>; poolSize: number; latencyOnly?: boolean }> = [
-      { name: 'cold', overrides: {}, poolSize: 0 },
-      { name: 'silent', overrides: { readiness: { consoleLine: '' } }, poolSize: 0, latencyOnly: true },
-      { name: 'pool', overrides: { pool: { size: 2 } }, poolSize: 2 },
-      { name: 'clone', overrides: { vm: { snapshot: { enabled: true, dir: join(workDir, 'snapshots') } } }, poolSize: 0 },
-    ]
-    let cloneMemory: { rssMiB: number; pssMiB: number } | undefined
-    for (const mode of modes) {
-      const vmcgi = await startVmcgi(mode.overrides, workDir)
+    // direct: one guest, already up.
+    await runCase('direct', async () => {
+      const direct = await spawnBare(guest)
       try {
-        const times = await latencies(() => vmcgiOnce(vmcgi), mode.poolSize ? () => waitForPool(vmcgi, mode.poolSize) : undefined)
-        const result: CaseResult = { name: mode.name, p50: percentile(times, 50), p95: percentile(times, 95), rps: {}, failures: 0 }
-        for (const concurrency of mode.latencyOnly ? [] : concurrencies) {
-          if (mode.poolSize) await waitForPool(vmcgi, mode.poolSize)
-          const point = await throughput(vmcgi, concurrency)
-          result.rps[concurrency] = point.rps
-          result.failures += point.failed
-          if (point.why.length) log(`${mode.name} c=${concurrency} failures: ${[...new Set(point.why)].join('; ')}`)
-          if (concurrency === 4) result.cpuPerVm = point.cpuPerVm
-        }
-        results.push(result)
-        log(`${mode.name} done`)
+        await pollUntil200(direct.port, 'the bare guest')
+        memory.direct = await memoryOf(direct.child.pid!)
+        const times = await latencies(samples, async () => {
+          const begin = performance.now()
+          await get(`http://127.0.0.1:${direct.port}/`)
+          return performance.now() - begin
+        }, { name: 'direct' })
+        return { name: 'direct', samples: times.length, p50: percentile(times, 50), p95: percentile(times, 95), rps: {}, failures: 0 }
       } finally {
-        await stopVmcgi(vmcgi)
+        await killBare(direct)
       }
-    }
+    })
+
+    // baseline: spawn, poll, kill. CPU per VM from this process's reaped children.
+    await runCase('baseline', async () => {
+      const cpuBefore = (await cpuSeconds(process.pid)).children
+      const times = await latencies(samples, () => baselineOnce(guest), { name: 'baseline' })
+      const cpu = ((await cpuSeconds(process.pid)).children - cpuBefore) / times.length
+      return { name: 'baseline', samples: times.length, p50: percentile(times, 50), p95: percentile(times, 95), rps: {}, failures: 0, cpuPerVm: cpu }
+    })
+
+    const snapshots = { enabled: true, dir: join(workDir, 'snapshots') }
+    const common = { guest, samples, path: '/', timeoutMs: 30_000 }
+    const modes: VmcgiCase[] = [
+      { ...common, name: 'cold', overrides: {}, poolSize: 0, concurrencies },
+      { ...common, name: 'silent', overrides: { readiness: { consoleLine: '' } }, poolSize: 0, concurrencies: [] },
+      { ...common, name: 'pool', overrides: { pool: { size: 2 } }, poolSize: 2, concurrencies },
+      { ...common, name: 'clone', overrides: { vm: { snapshot: snapshots } }, poolSize: 0, concurrencies },
+      { ...common, name: 'pool+clone', overrides: { pool: { size: 2 }, vm: { snapshot: snapshots } }, poolSize: 2, concurrencies },
+    ]
+    for (const mode of modes) await runCase(mode.name, () => vmcgiCase(mode, workDir))
 
     // A clone's memory, measured like the booted guest's: idle and ready, in a pool of one.
-    const clones = await startVmcgi({ pool: { size: 1 }, vm: { snapshot: { enabled: true, dir: join(workDir, 'snapshots') } } }, workDir)
-    try {
-      await waitForPool(clones, 1)
-      const [pid] = await clones.qemuChildren()
-      if (pid === undefined) throw new Error('the pool of one has no QEMU')
-      cloneMemory = await memoryOf(pid)
-    } finally {
-      await stopVmcgi(clones)
-    }
+    await runCase('memory of a clone', async () => {
+      memory.clone = await pooledMemory(guest, { vm: { snapshot: snapshots } }, workDir)
+      return null
+    })
 
-    report(results, { qemuVersion, directMemory, cloneMemory })
+    await runCase('container', async () => {
+      const unavailable = await containerUnavailable()
+      if (unavailable) return unavailable
+      await loadContainerImage()
+      await containerOnce() // Docker's first run after a while is slower: not a sample, as vmcgi's preflight boot is none
+      const times = await latencies(samples, async () => (await containerOnce()).toAnswerMs, { name: 'container' })
+      // req/s at c=1: run, answer, remove, one after another.
+      const load = await closedLoop(1, throughputSeconds, async () => void await containerOnce())
+      if (load.why.length) log(`container c=1 failures: ${load.why.join('; ')}`)
+      return { name: 'container', samples: times.length, p50: percentile(times, 50), p95: percentile(times, 95), rps: { 1: load.rps }, failures: load.failed }
+    })
+
+    // The Python image, served by vmcgi from the config its build wrote.
+    await runCase('image build', async () => {
+      imageGuest = await pythonGuest(join(workDir, 'python'))
+      return null
+    })
+    if (imageGuest) {
+      const image = { guest: imageGuest, samples: imageSamples, path: '/bench', timeoutMs: 60_000 }
+      const imageSnapshots = { enabled: true, dir: join(workDir, 'image-snapshots') }
+      await runCase('image cold', () => vmcgiCase({ ...image, name: 'image cold', overrides: {}, poolSize: 0, concurrencies: [] }, workDir))
+      await runCase('image clone', () => vmcgiCase({ ...image, name: 'image clone', overrides: { vm: { snapshot: imageSnapshots } }, poolSize: 0, concurrencies: [4] }, workDir))
+      await runCase('image memory', async () => {
+        memory.imageClone = await pooledMemory(imageGuest!, { vm: { snapshot: imageSnapshots } }, workDir)
+        memory.imageBooted = await pooledMemory(imageGuest!, {}, workDir)
+        return null
+      })
+    } else {
+      for (const name of ['image cold', 'image clone']) missing.push({ name, skipped: 'the image build failed' })
+    }
   } finally {
+    const outlived = await stopAllVmcgi()
+    killAllBare()
+    const containers = removeLeftContainers()
+    await sleep(500)
+    leftover.push(...outlived, ...(await leftoverQemus()), ...containers.map((id) => `container ${id}`))
     rmSync(workDir, { recursive: true, force: true })
     await dispatcher.close()
   }
-}
 
-function report(results: CaseResult[], extra: { qemuVersion: string; directMemory: { rssMiB: number; pssMiB: number }; cloneMemory?: { rssMiB: number; pssMiB: number } }): void {
-  const by = Object.fromEntries(results.map((result) => [result.name, result])) as Record<string, CaseResult>
-  const fmt = (value: number | undefined, digits = 0) => (value === undefined || Number.isNaN(value) ? '-' : value.toFixed(digits))
-  const lines = [
-    '| case | p50 ms | p95 ms | req/s c=1 | req/s c=2 | req/s c=4 | CPU-s per VM | failures |',
-    '| --- | --- | --- | --- | --- | --- | --- | --- |',
-    ...results.map((r) => `| ${r.name} | ${fmt(r.p50)} | ${fmt(r.p95)} | ${fmt(r.rps[1], 2)} | ${fmt(r.rps[2], 2)} | ${fmt(r.rps[4], 2)} | ${fmt(r.cpuPerVm, 2)} | ${r.failures} |`),
-  ]
-  const cores = availableParallelism()
-  const capacity = cores / (by.cold?.cpuPerVm ?? Number.NaN)
-  const targets = [
-    { target: 'cold p50 ≤ 1.05 × baseline p50', ratio: by.cold!.p50 / by.baseline!.p50, limit: 1.05, atMost: true },
-    { target: 'pool p50 ≤ 1.2 × direct p50', ratio: by.pool!.p50 / by.direct!.p50, limit: 1.2, atMost: true },
-    { target: 'clone p50 ≤ 0.25 × baseline p50', ratio: by.clone!.p50 / by.baseline!.p50, limit: 0.25, atMost: true },
-    { target: 'cold req/s at c=4 ≥ 0.8 × boot capacity (cores ÷ CPU-s per VM)', ratio: by.cold!.rps[4]! / capacity, limit: 0.8, atMost: false },
-  ]
-  const targetLines = [
-    '| target | measured | met |',
-    '| --- | --- | --- |',
-    ...targets.map((t) => `| ${t.target} | ${t.ratio.toFixed(2)} | ${(t.atMost ? t.ratio <= t.limit : t.ratio >= t.limit) ? 'yes' : 'no'} |`),
-  ]
-  const memoryLine = `memory per VM, idle and ready: booted guest RSS ${fmt(extra.directMemory.rssMiB)} MiB (PSS ${fmt(extra.directMemory.pssMiB)}); `
-    + `clone RSS ${fmt(extra.cloneMemory?.rssMiB)} MiB (PSS ${fmt(extra.cloneMemory?.pssMiB)})`
-  const machine = `${cpus()[0]?.model ?? 'unknown CPU'}, ${cores} cores, ${Math.round(totalmem() / 2 ** 30)} GiB`
-  const header = `vmcgi bench: ${machine}; QEMU ${extra.qemuVersion}; accelerator ${accel.accel} (${accel.reason})`
-  const silentLine = `a guest that prints no ready line: silent p50 / cold p50 = ${fmt(by.silent?.p50)} / ${fmt(by.cold?.p50)} = ${fmt((by.silent?.p50 ?? Number.NaN) / (by.cold?.p50 ?? Number.NaN), 2)}`
-  console.log([header, '', ...lines, '', ...targetLines, '', memoryLine, `boot capacity: ${fmt(capacity, 2)} VMs/s`, silentLine].join('\n'))
-
-  const outDir = join(repo, 'bench/out')
-  mkdirSync(outDir, { recursive: true })
-  const file = join(outDir, `bench-${new Date().toISOString().replaceAll(':', '-')}.json`)
-  writeFileSync(file, JSON.stringify({
-    date: new Date().toISOString(),
-    machine: { cpu: cpus()[0]?.model, cores, memoryGiB: totalmem() / 2 ** 30, platform: process.platform, arch: process.arch },
-    qemu: { binary: config.vm.qemu, version: extra.qemuVersion },
-    accel,
-    settings: { samples, throughputSeconds, concurrencies },
-    results,
-    targets,
-    memory: { direct: extra.directMemory, clone: extra.cloneMemory },
-  }, null, 2))
-  console.log(`\nwritten: ${file}`)
+  report({
+    results, missing, defaultGuest: guest, imageGuest, memory, leftover,
+    settings: { samples, imageSamples, throughputSeconds, concurrencies },
+    totalSeconds: (performance.now() - begun) / 1000,
+  })
+  // Only the cases that failed or left something running fail the run; a skipped case does not.
+  if (leftover.length || missing.some((m) => m.error)) process.exitCode = 1
 }
 
 main().catch((error: unknown) => {
