@@ -129,11 +129,12 @@ export function cloneMode(files: SnapshotFiles, { reseed, at }: { reseed: boolea
     },
     restore: (attempt, signal) => restoreClone(qmpSocket, attempt, signal),
     // A template saved once it answered is restored answering: its reseed
-    // (which the guest answers from the same machine state) is all a clone
-    // waits for. A probe would cost what the request costs, on a single vCPU
-    // with an empty translation cache. A template saved before its app, or a
-    // clone left unreseeded, is probed as a boot is.
-    ...(reseed && at === 'ready' ? { awaitReady: async () => {}, readyWhen: 'answer its reseed' } : {}),
+    // (which the guest answers from the same machine state), if any, is all a
+    // clone waits for. A probe would cost what the request costs, on a single
+    // vCPU with an empty translation cache, and would make clones differ by
+    // how many probes each took. A template saved before its app is probed
+    // as a boot is.
+    ...(at === 'ready' ? { awaitReady: async () => {}, readyWhen: 'answer its reseed' } : {}),
     reseed: reseed ? reseedGuest : () => undefined,
     release: () => rmSync(qmpSocket, { force: true }),
   }
