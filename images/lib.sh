@@ -16,6 +16,8 @@ OUT=""
 SITES=()
 KERNEL_SOURCE=${KERNEL_SOURCE:-}
 
+# What error messages start with; a script that sources this may set it first.
+LOG_PREFIX=${LOG_PREFIX:-images}
 STEP="starting"
 step() {
     STEP="$1"
@@ -24,17 +26,17 @@ step() {
 # In a subshell only the reason is printed; the main shell's ERR trap then
 # names the step once.
 fail() {
-    echo "images: $*" >&2
+    echo "$LOG_PREFIX: $*" >&2
     if [ "$BASHPID" = "$$" ]; then
-        echo "images: step '$STEP' failed" >&2
+        echo "$LOG_PREFIX: step '$STEP' failed" >&2
     fi
     exit 1
 }
 on_err() {
     local rc=$?
     if [ "$BASHPID" = "$$" ]; then
-        echo "images: command exited with status $rc at ${BASH_SOURCE[1]##*/} line $1" >&2
-        echo "images: step '$STEP' failed" >&2
+        echo "$LOG_PREFIX: command exited with status $rc at ${BASH_SOURCE[1]##*/} line $1" >&2
+        echo "$LOG_PREFIX: step '$STEP' failed" >&2
     fi
     exit "$rc"
 }

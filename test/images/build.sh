@@ -40,7 +40,11 @@ set -Eeuo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 REPO=$(cd "$HERE/../.." && pwd -P)
-PACKAGES="$REPO/images/packages.txt"
+# step, fail, the ERR trap and the package helpers are the image recipes' own.
+# shellcheck disable=SC2034 # read by images/lib.sh
+LOG_PREFIX=test-images
+# shellcheck source-path=SCRIPTDIR source=../../images/lib.sh
+source "$REPO/images/lib.sh"
 CACHE="$REPO/images/out/cache/test-images"
 OUT="$REPO/images/out/test-images"
 VERIFY=0
@@ -55,28 +59,6 @@ MT_MANIFEST=application/vnd.oci.image.manifest.v1+json
 MT_CONFIG=application/vnd.oci.image.config.v1+json
 MT_LAYER_GZIP=application/vnd.oci.image.layer.v1.tar+gzip
 MT_LAYER_TAR=application/vnd.oci.image.layer.v1.tar
-
-STEP="starting"
-step() {
-    STEP="$1"
-    echo "==> $1"
-}
-fail() {
-    echo "test-images: $*" >&2
-    if [ "$BASHPID" = "$$" ]; then
-        echo "test-images: step '$STEP' failed" >&2
-    fi
-    exit 1
-}
-on_err() {
-    local rc=$?
-    if [ "$BASHPID" = "$$" ]; then
-        echo "test-images: command exited with status $rc at ${BASH_SOURCE[1]##*/} line $1" >&2
-        echo "test-images: step '$STEP' failed" >&2
-    fi
-    exit "$rc"
-}
-trap 'on_err $LINENO' ERR
 
 usage() {
     echo "usage: bash test/images/build.sh [--out DIR] [--verify]" >&2
@@ -93,20 +75,14 @@ while [ $# -gt 0 ]; do
 done
 OUT=$(realpath -m -- "$OUT")
 
-is_root() { [ "$(id -u)" = 0 ]; }
 sha256() { sha256sum "$1" | cut -d' ' -f1; }
-# The packages of packages.txt's group test-images.
-packages() { awk '$1 == "test-images" && !seen[$2]++ { print $2 }' "$PACKAGES"; }
-pkg_installed() {
-    [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" = "install ok installed" ]
-}
 
 # ---------------------------------------------------------------- tools
 step "checking tools"
 if ! command -v dpkg >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
     fail "this script needs a Debian-based system (dpkg, apt-get)"
 fi
-mapfile -t pkgs < <(packages)
+mapfile -t pkgs < <(packages test-images)
 [ ${#pkgs[@]} -gt 0 ] || fail "images/packages.txt has no test-images group"
 missing=()
 for p in "${pkgs[@]}"; do

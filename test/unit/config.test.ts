@@ -4,16 +4,9 @@ import { describe, expect, it } from 'vitest'
 import { defaultMaxVms, normalizeConfig } from '../../src/config.js'
 import { ConfigError } from '../../src/errors.js'
 import { fakeImageDir } from '../helpers/fixtures.js'
+import { fieldOf as refusedField } from '../helpers/field-of.js'
 
-function fieldOf(thunk: () => unknown): string {
-  try {
-    thunk()
-  } catch (error) {
-    expect(error).toBeInstanceOf(ConfigError)
-    return (error as ConfigError).field
-  }
-  throw new Error('expected a ConfigError')
-}
+const fieldOf = (run: () => unknown) => refusedField(ConfigError, run)
 
 describe('normalizeConfig', () => {
   it('applies defaults, resolves paths relative to the config and freezes', () => {

@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest'
 import { appFor, defaultPath, encodeApp, type ImageRunConfig } from '../../../src/image/app.js'
 import { ImageError } from '../../../src/image/errors.js'
+import { fieldOf as refusedField } from '../../helpers/field-of.js'
 
 const etc = { passwd: 'root:x:0:0:root:/root:/bin/sh\napp:x:999:999::/home/app:/bin/sh\n', group: 'root:x:0:\napp:x:999:\n' }
 const python: ImageRunConfig = {
@@ -12,15 +13,7 @@ const python: ImageRunConfig = {
   ExposedPorts: { '8080/tcp': {} },
 }
 
-function fieldOf(run: () => unknown): string | undefined {
-  try {
-    run()
-  } catch (error) {
-    if (error instanceof ImageError) return error.field
-    throw error
-  }
-  return undefined
-}
+const fieldOf = (run: () => unknown) => refusedField(ImageError, run)
 
 describe('appFor', () => {
   it('runs Entrypoint + Cmd with the image\'s Env, WorkingDir, User and exposed port', () => {

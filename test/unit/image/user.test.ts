@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest'
 import { ImageError } from '../../../src/image/errors.js'
 import { resolveUser } from '../../../src/image/user.js'
+import { fieldOf as refusedField } from '../../helpers/field-of.js'
 
 const passwd = [
   'root:x:0:0:root:/root:/bin/bash',
@@ -11,15 +12,7 @@ const passwd = [
 ].join('\n')
 const group = ['root:x:0:', 'daemon:x:1:', 'staff:x:50:app,daemon', 'app:x:999:', 'audio:x:29:app'].join('\n')
 
-function fieldOf(run: () => unknown): string | undefined {
-  try {
-    run()
-  } catch (error) {
-    if (error instanceof ImageError) return error.field
-    throw error
-  }
-  return undefined
-}
+const fieldOf = (run: () => unknown) => refusedField(ImageError, run)
 
 describe('resolveUser', () => {
   it('is root when the image names no user, even with no passwd at all', () => {
