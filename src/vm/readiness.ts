@@ -15,12 +15,16 @@
 // answer as long as the caller's signal allows.
 //
 // Once the console line is seen, the overlapping attempts stop and those in
-// flight are dropped: from then on one attempt at a time, a new one only when
-// the last ended unanswered. A guest that listens with a small backlog
-// (Python's socketserver takes 5) would otherwise find it full of abandoned
-// probes, drop the SYN of the request itself, and have it retried by slirp
-// seconds later; a clone template saved then would keep that backlog full in
-// every clone.
+// flight are dropped: from then on one attempt at a time, a new one when the
+// last ended unanswered or has waited patienceMs, then twice that, and so on
+// (the waiting one stays open: it may still be answered). A guest that
+// listens with a small backlog (Python's socketserver takes 5) would
+// otherwise find it full of abandoned probes, drop the SYN of the request
+// itself, and have it retried by slirp seconds later; a clone template saved
+// then would keep that backlog full in every clone. But one attempt alone is
+// not enough either: slirp drops a SYN it cannot deliver at once (on a
+// loaded host the guest can be late to answer slirp's ARP request) and sends
+// it again only after seconds, past many a boot deadline.
 
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs'
 import { connect, type Socket } from 'node:net'
@@ -43,6 +47,9 @@ export interface ReadinessOptions {
  */
 const maxYoung = 8
 const maxOpen = 32
+/** After the console line: how long an unanswered attempt waits before another joins it, at first, and how many may be open. */
+const patienceMs = 1000
+const maxPatient = 4
 
 /**
  * Resolves at the first HTTP answer. Rejects only with the signal's reason:
@@ -71,13 +78,26 @@ export function waitUntilReady(options: ReadinessOptions): Promise<void> {
     const started = performance.now()
     const young = (now: number) => [...sockets.values()].filter((since) => now - since < attemptTimeoutMs).length
     let retry: NodeJS.Timeout | undefined
-    /** One probe; `patient` ones have no time limit of their own and no cap, and are made again until answered. */
+    let patience = patienceMs
+    /**
+     * One probe. `patient` ones have no time limit of their own: another
+     * joins one left unanswered for `patience` (doubled each time), and one
+     * is made again when the last closed unanswered.
+     */
     const attempt = (patient = false) => {
       const now = performance.now()
       if (settled || (!patient && (sockets.size >= maxOpen || young(now) >= maxYoung))) return
       const socket = connect({ host, port })
       sockets.set(socket, patient ? -Infinity : now)
       if (!patient) socket.setTimeout(Math.max(attemptTimeoutMs, (now - started) / 2), () => socket.destroy())
+      else {
+        const overdue = setTimeout(() => {
+          if (settled || !sockets.has(socket) || sockets.size >= maxPatient) return
+          patience *= 2
+          attempt(true)
+        }, patience)
+        socket.once('close', () => clearTimeout(overdue))
+      }
       socket.once('connect', () => socket.write(`GET ${path} HTTP/1.0\r\nHost: ${host}:${port}\r\n\r\n`))
       socket.once('data', (chunk: Buffer) => {
         if (chunk.subarray(0, 5).toString('latin1') === 'HTTP/') settle()
@@ -86,7 +106,7 @@ export function waitUntilReady(options: ReadinessOptions): Promise<void> {
       socket.on('error', () => {})
       socket.once('close', () => {
         sockets.delete(socket)
-        if (patient && !settled) retry = setTimeout(() => attempt(true), intervalMs)
+        if (patient && !settled && sockets.size === 0) retry = setTimeout(() => attempt(true), intervalMs)
       })
     }
 

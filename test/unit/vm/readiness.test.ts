@@ -1,5 +1,5 @@
 import { createServer as createHttpServer } from 'node:http'
-import { createServer, type AddressInfo, type Server } from 'node:net'
+import { createServer, type AddressInfo, type Server, type Socket } from 'node:net'
 import { describe, expect, it, onTestFinished } from 'vitest'
 import { execa } from 'execa'
 import { listensOn, waitUntilReady } from '../../../src/vm/readiness.js'
@@ -55,6 +55,27 @@ describe('waitUntilReady', () => {
     const port = await listen(createHttpServer((_req, res) => setTimeout(() => res.end('ok'), 400)))
     const waiting = waitUntilReady({ ...options, port, intervalMs: 60_000, signal: AbortSignal.timeout(5_000), consoleReady: Promise.resolve() })
     await expect(waiting).resolves.toBeUndefined()
+  })
+
+  it('sends another probe when the one the console line starts stays unanswered', async () => {
+    // What a SYN that slirp dropped looks like from the host: a connection
+    // that is open and never answered. slirp would send it again only after
+    // seconds; a second probe gets through at once.
+    const answer = createHttpServer((_req, res) => res.end('ok'))
+    const held: Socket[] = []
+    let connections = 0
+    const port = await listen(createServer((socket) => {
+      if (++connections === 1) held.push(socket.resume())
+      else answer.emit('connection', socket)
+    }))
+    onTestFinished(() => held.forEach((socket) => socket.destroy()))
+    const started = Date.now()
+    const waiting = waitUntilReady({ ...options, port, intervalMs: 60_000, signal: AbortSignal.timeout(5_000), consoleReady: Promise.resolve() })
+    await expect(waiting).resolves.toBeUndefined()
+    expect(connections).toBe(2)
+    expect(Date.now() - started).toBeLessThan(4_000)
+    // The unanswered probe is closed once another was answered.
+    await expect.poll(() => held[0]!.destroyed || held[0]!.readableEnded).toBe(true)
   })
 
   it('gives later probes longer to answer when there is no console line', async () => {
