@@ -21,6 +21,11 @@
  * clone then starts the program afresh, with entropy and a clock of its own,
  * and nothing the program draws at start-up repeats between clones.
  *
+ * With "restore-signal=N" in /vmcgi/app (--restore-signal), a program that
+ * was started before the snapshot is sent signal N in each clone, once the
+ * seed is taken and before vmcgi hears so: the program's cue to draw again
+ * what it drew at start-up.
+ *
  * vmcgi parses the console, so nothing else is printed on a normal boot. Any
  * failure prints "vmcgi: init failed: WHAT: REASON" and ends the VM.
  */
@@ -69,6 +74,7 @@ struct app {
 	unsigned port;
 	char **env;  /* NULL-terminated */
 	char **argv; /* NULL-terminated, at least one */
+	int restore_signal; /* 0: none */
 };
 
 /* The console: the kernel's fd 2 until main opens one of its own. */
@@ -224,6 +230,10 @@ static void read_app(struct app *app) {
 			app->env[env_count++] = value;
 		} else if (!strcmp(entry, "arg")) {
 			app->argv[arg_count++] = value;
+		} else if (!strcmp(entry, "restore-signal")) {
+			long long signo = number(value, 64);
+			if (signo < 1 || signo == SIGKILL || signo == SIGSTOP) fail_spec(APP_SPEC ": restore-signal=%s", value);
+			app->restore_signal = (int)signo;
 		} else {
 			fail_spec(APP_SPEC ": unknown key '%s'", entry);
 		}
@@ -467,6 +477,14 @@ static pid_t start_app(const struct app *app) {
 	return pid;
 }
 
+/* The program that restore_signal goes to in each clone (reseed.h's on_seed). */
+static pid_t restored_app;
+static int restore_signal;
+
+static void signal_restore(void) {
+	if (restored_app > 0) kill(restored_app, restore_signal);
+}
+
 /* Whether the kernel's command line has this word. */
 static int on_command_line(const char *word) {
 	size_t size, length = strlen(word);
@@ -485,6 +503,12 @@ static void supervise(const struct app *app, int wait_for_seed, int signals, str
 	enum listener listens = NOT_LISTENING;
 	pid_t pid = wait_for_seed ? 0 : start_app(app);
 	if (wait_for_seed) dprintf(console, "vmcgi: booted\n");
+	else if (app->restore_signal) {
+		/* A program started before the snapshot: each seed is a restore. */
+		restored_app = pid;
+		restore_signal = app->restore_signal;
+		reseed->on_seed = signal_restore;
+	}
 	for (;;) {
 		struct pollfd fds[2] = { { signals, POLLIN, 0 }, { console_open ? reseed->fd : -1, POLLIN, 0 } };
 		if (poll(fds, 2, ready || !pid ? -1 : READY_POLL_MS) < 0 && errno != EINTR) fail("poll");

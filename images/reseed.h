@@ -48,6 +48,9 @@ struct reseed_console {
 	long fd;
 	long used;
 	long reseeded; /* seeds taken so far */
+	/* If set, called once a seed is taken and before it is answered: what
+	 * it does is done before vmcgi forwards the clone its request. */
+	void (*on_seed)(void);
 	char line[RESEED_LINE_MAX];
 };
 
@@ -125,6 +128,7 @@ static void reseed_listen(struct reseed_console *console, long fd) {
 	console->fd = fd;
 	console->used = 0;
 	console->reseeded = 0;
+	console->on_seed = 0;
 	if (syscall3(SYS_ioctl, fd, RESEED_TCGETS, (long)&tty) == 0) {
 		tty.c_lflag &= ~RESEED_ECHO;
 		syscall3(SYS_ioctl, fd, RESEED_TCSETS, (long)&tty);
@@ -148,6 +152,7 @@ static long reseed_read_console(struct reseed_console *console) {
 		if (line[end] != '\n' && line[end] != '\r') continue;
 		line[end] = 0;
 		result = reseed(line + start_of_line, &nonce);
+		if (result == 0 && console->on_seed) console->on_seed();
 		if (result >= 0) reseed_answer(console->fd, result, nonce);
 		if (result == 0) console->reseeded++;
 		start_of_line = end + 1;

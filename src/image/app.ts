@@ -31,7 +31,17 @@ export interface App {
   cwd: string
   user: ResolvedUser
   port: number
+  /** Sent to the app in each clone of a template saved after it started (--restore-signal); the guest's number. */
+  restoreSignal?: number
 }
+
+/**
+ * The signals --restore-signal may name, by their Linux numbers, which are
+ * the same on x86_64 and aarch64: ones an app can catch and that mean
+ * nothing else to it by default (SIGHUP ends a program that does not catch it,
+ * so it is the app's to choose knowingly).
+ */
+export const restoreSignals: Record<string, number> = { SIGHUP: 1, SIGUSR1: 10, SIGUSR2: 12, SIGWINCH: 28 }
 
 /** The PATH Docker gives an image whose Env has none. */
 export const defaultPath = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
@@ -112,6 +122,7 @@ export function encodeApp(app: App): Buffer {
     `groups=${groups.join(',')}`,
     `cwd=${app.cwd}`,
     `port=${app.port}`,
+    ...(app.restoreSignal !== undefined ? [`restore-signal=${app.restoreSignal}`] : []),
     ...app.env.map((entry) => `env=${entry}`),
     ...app.argv.map((arg) => `arg=${arg}`),
   ]

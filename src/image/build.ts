@@ -34,6 +34,8 @@ export interface BuildOptions {
   readinessPath: string
   /** Clone mode, with the template saved once the app answers or before it starts; cold boots without. */
   clone?: 'ready' | 'boot'
+  /** With clone 'ready': the signal the app is sent in each clone (the guest's number). */
+  restoreSignal?: number
   overrides: RunOverrides
   /** The repository's images/ folder: the recipes, and out/cache. */
   imagesDir: string
@@ -71,7 +73,10 @@ export async function buildImageGuest(options: BuildOptions): Promise<BuiltGuest
 
   const cache = join(options.imagesDir, 'out', 'cache', 'images')
   const flat = await flattenedImage(source, blob, cache, log)
-  const app = appFor(blob.config.config ?? {}, options.overrides, flat.etc)
+  const app = {
+    ...appFor(blob.config.config ?? {}, options.overrides, flat.etc),
+    ...(options.restoreSignal !== undefined ? { restoreSignal: options.restoreSignal } : {}),
+  }
   log(`    runs ${JSON.stringify(app.argv)} as ${app.user.uid}:${app.user.gid} in ${app.cwd}, on port ${app.port}`)
 
   mkdirSync(out, { recursive: true })

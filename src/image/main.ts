@@ -6,19 +6,22 @@
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
-import type { RunOverrides } from './app.js'
+import { restoreSignals, type RunOverrides } from './app.js'
 import { buildImageGuest } from './build.js'
 import { ImageError } from './errors.js'
 import type { GuestArch } from './source.js'
 
 const usage = `usage: npm run images -- --from-image SOURCE --out DIR [--arch aarch64|x86_64]
-         [--port N] [--readiness-path PATH] [--memory MIB] [--clone ready|boot]
+         [--port N] [--readiness-path PATH] [--memory MIB] [--clone ready|boot] [--restore-signal SIG]
          [--entrypoint CMD] [--cmd CMD] [--env NAME=VALUE]... [--workdir DIR] [--user USER[:GROUP]]
 SOURCE: docker-daemon:NAME:TAG, docker-archive:PATH (docker save) or oci:PATH[:REF] (an OCI layout).
 CMD: a JSON array (["python3", "app.py"]) or words split at spaces.
 --clone: clone mode, the template saved once the app answers (ready: fastest,
 but what the app drew at start-up repeats in every clone) or before the app
-starts (boot: every clone starts the app).`
+starts (boot: every clone starts the app).
+--restore-signal: with --clone ready, the app is sent SIG (SIGUSR1, SIGUSR2,
+SIGHUP or SIGWINCH) in each clone before its request: its cue to draw again
+what it drew at start-up.`
 
 function parseCli(argv: string[]) {
   let values
@@ -33,6 +36,7 @@ function parseCli(argv: string[]) {
         'readiness-path': { type: 'string', default: '/' },
         memory: { type: 'string', default: '256' },
         clone: { type: 'string' },
+        'restore-signal': { type: 'string' },
         entrypoint: { type: 'string' },
         cmd: { type: 'string' },
         env: { type: 'string', multiple: true },
@@ -66,6 +70,13 @@ function parseCli(argv: string[]) {
   if (values.clone !== undefined && values.clone !== 'ready' && values.clone !== 'boot') {
     throw new ImageError('clone', `must be ready or boot, not "${values.clone}"`)
   }
+  const restoreSignal = values['restore-signal']
+  if (restoreSignal !== undefined) {
+    if (values.clone !== 'ready') throw new ImageError('restore-signal', 'is for --clone ready only: without a snapshot of the started app there is nothing to restore')
+    if (!Object.hasOwn(restoreSignals, restoreSignal)) {
+      throw new ImageError('restore-signal', `must be one of ${Object.keys(restoreSignals).join(', ')}, not "${restoreSignal}"`)
+    }
+  }
   const readinessPath = values['readiness-path']
   if (!readinessPath.startsWith('/')) throw new ImageError('readiness-path', `must start with "/", not "${readinessPath}"`)
   return {
@@ -75,6 +86,7 @@ function parseCli(argv: string[]) {
     memoryMiB: whole('memory', values.memory, 16, 65536),
     readinessPath,
     ...(values.clone ? { clone: values.clone as 'ready' | 'boot' } : {}),
+    ...(restoreSignal !== undefined ? { restoreSignal: restoreSignals[restoreSignal]! } : {}),
     overrides,
   }
 }

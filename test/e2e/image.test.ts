@@ -60,6 +60,7 @@ interface PythonAnswer {
   boot_id: string
   import_random: number
   request_random: number
+  restores: number
   issue_net_exists: boolean
   opt_cfg: string[]
   hardlink_same_inode: boolean
@@ -153,6 +154,8 @@ describe('bad input', () => {
       [`oci:${testImage('python')}:latest`, ['--arch', 'aarch64'], /^images: arch: the image is for amd64/m],
       [`oci:${testImage('python')}:latest`, ['--user', 'ghost'], /^images: user: the image's \/etc\/passwd has no user "ghost"/m],
       [`oci:${testImage('python')}:latest`, ['--entrypoint', '[]'], /^images: cmd: the image has no command/m],
+      [`oci:${testImage('python')}:latest`, ['--restore-signal', 'SIGUSR2'], /^images: restore-signal: is for --clone ready only/m],
+      [`oci:${testImage('python')}:latest`, ['--clone', 'ready', '--restore-signal', 'SIGKILL'], /^images: restore-signal: must be one of SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH/m],
     ]
     for (const [source, options, message] of cases) {
       const result = await buildFromImage(source, join(work, 'bad'), ...options)
@@ -201,6 +204,16 @@ describe('clone mode for an image: what the app drew at start-up, saved after it
     expect(second.import_random).toBe(first.import_random)
     // random.random() per request too: Python's generator was seeded before the snapshot.
     expect(second.request_random).toBe(first.request_random)
+    expect([first.restores, second.restores]).toEqual([0, 0])
+  }, 10 * 60_000)
+
+  it('--clone ready --restore-signal SIGUSR2: each clone\'s app hears of its restore before its request, and draws again', async () => {
+    // The test app reseeds its generator and draws its start-up value again on SIGUSR2.
+    const dir = await buildOrThrow(`oci:${testImage('python')}:latest`, 'clone-ready-signal', '--clone', 'ready', '--restore-signal', 'SIGUSR2')
+    const [first, second] = await twoClones(dir) as [PythonAnswer, PythonAnswer]
+    expect([first.restores, second.restores]).toEqual([1, 1])
+    expect(second.import_random).not.toBe(first.import_random)
+    expect(second.request_random).not.toBe(first.request_random)
   }, 10 * 60_000)
 
   it('--clone boot: each clone starts the app after its own seed, and nothing repeats', async () => {

@@ -15,13 +15,29 @@ import http.server
 import json
 import os
 import random
+import signal
 import socket
 import socketserver
 import sys
 
 # Drawn once, when the interpreter loads this file: equal in two answers only
-# if one process served both.
+# if one process served both, or clones of one snapshot of it (unless the
+# restore signal below draws it again).
 IMPORT_RANDOM = random.random()
+RESTORES = 0
+
+
+def on_restore(_signum, _frame):
+    # vmcgi's init sends SIGUSR2 in each clone when the image was built with
+    # --clone ready --restore-signal SIGUSR2: the generator is seeded again
+    # from the clone's own entropy, and the start-up value drawn again.
+    global IMPORT_RANDOM, RESTORES
+    random.seed()
+    IMPORT_RANDOM = random.random()
+    RESTORES += 1
+
+
+signal.signal(signal.SIGUSR2, on_restore)
 MARK = "/var/tmp/vmcgi-mark"
 WHITED_OUT = "/etc/issue.net"
 
@@ -65,6 +81,7 @@ def report(path):
         "boot_id": read_boot_id(),
         "import_random": IMPORT_RANDOM,
         "request_random": random.random(),
+        "restores": RESTORES,
         "issue_net_exists": os.path.exists(WHITED_OUT),
         "opt_cfg": opt_cfg,
         "hardlink_same_inode": same_inode("/app/server.py", "/app/server-link.py"),

@@ -71,6 +71,11 @@ describe('encodeApp', () => {
     ])
   })
 
+  it('writes the restore signal after the port, when there is one', () => {
+    const encoded = encodeApp({ ...appFor(python, {}, etc), restoreSignal: 12 }).toString('utf8')
+    expect(encoded.split('\0').slice(4, 6)).toEqual(['port=8080', 'restore-signal=12'])
+  })
+
   it('refuses a NUL byte, which the format cannot carry', () => {
     expect(fieldOf(() => encodeApp(appFor(python, { cmd: ['a\0b'] }, etc)))).toBe('config')
   })
