@@ -14,7 +14,7 @@
 
 import { createHash, randomBytes } from 'node:crypto'
 import {
-  closeSync, constants, copyFileSync, existsSync, linkSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync,
+  closeSync, constants, copyFileSync, existsSync, linkSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync,
   renameSync, rmSync, statSync, writeFileSync,
 } from 'node:fs'
 import { arch as hostArch } from 'node:os'
@@ -25,6 +25,7 @@ import { cpioArchive } from './cpio.js'
 import { ImageError } from './errors.js'
 import { readInsideRoot } from './root.js'
 import { copyToLayout, parseSource, readImageConfig, type GuestArch, type ImageConfigBlob, type Source } from './source.js'
+import { makeWorkDir, removeAbandonedWorkDirs } from './work-dir.js'
 
 export interface BuildOptions {
   source: string
@@ -137,10 +138,11 @@ export async function buildImageGuest(options: BuildOptions): Promise<BuiltGuest
  */
 async function flattenedImage(source: Source, blob: ImageConfigBlob, cache: string, log: (line: string) => void) {
   privateFolder(cache)
+  for (const name of removeAbandonedWorkDirs(cache)) log(`    removed ${join(cache, name)}, left by a build that did not finish`)
   const dir = join(cache, blob.id)
   if (!existsSync(join(dir, 'root.erofs'))) {
     log('==> flattening the image into an erofs disk (once per image)')
-    const work = mkdtempSync(join(cache, 'tmp-'))
+    const work = makeWorkDir(cache)
     try {
       const layout = join(work, 'layout')
       const rootfs = join(work, 'rootfs')
