@@ -4,7 +4,9 @@
  * freestanding) and images/image-init.c (container images, with libc).
  *
  * A clone of a snapshot resumes with the template's RNG state and clock.
- * Before it serves, vmcgi writes "vmcgi-seed HEX EPOCH NONCE" on the console;
+ * Before it serves, vmcgi writes "vmcgi-seed HEX EPOCH NONCE" on the console
+ * (and "vmcgi-seed HEX EPOCH NONCE save" to a template just before it is
+ * saved, which is not a clone's restore);
  * the guest credits the bytes HEX to the kernel's entropy pool, makes its
  * CRNG reseed now (the RNDADDENTROPY and RNDRESEEDCRNG ioctls of random(4)),
  * sets the clock to EPOCH seconds, and answers "vmcgi: reseeded NONCE" (or
@@ -48,8 +50,9 @@ struct reseed_console {
 	long fd;
 	long used;
 	long reseeded; /* seeds taken so far */
-	/* If set, called once a seed is taken and before it is answered: what
-	 * it does is done before vmcgi forwards the clone its request. */
+	/* If set, called once a clone's seed is taken (not a template's, marked
+	 * "save") and before it is answered: what it does is done before vmcgi
+	 * forwards the clone its request. */
 	void (*on_seed)(void);
 	char line[RESEED_LINE_MAX];
 };
@@ -76,17 +79,19 @@ static int reseed_equal(const char *a, const char *b) {
 	return *a == *b;
 }
 
-/* "vmcgi-seed HEX EPOCH NONCE": 0 when done, 1 when it failed, -1 when the
- * line is not one. */
-static int reseed(char *line, char **nonce) {
+/* "vmcgi-seed HEX EPOCH NONCE [save]": 0 when done, 1 when it failed, -1
+ * when the line is not one; *saving tells whether it said "save". */
+static int reseed(char *line, char **nonce, int *saving) {
 	static struct reseed_entropy entropy;
 	struct timespec now = { 0, 0 };
-	char *word = reseed_next_word(&line), *hex = reseed_next_word(&line), *epoch = reseed_next_word(&line);
+	char *word = reseed_next_word(&line), *hex = reseed_next_word(&line), *epoch = reseed_next_word(&line), *purpose;
 	int n = 0;
 	long fd, failed;
 
 	*nonce = reseed_next_word(&line);
 	if (!word || !reseed_equal(word, "vmcgi-seed") || !hex || !epoch || !*nonce) return -1;
+	purpose = reseed_next_word(&line);
+	*saving = purpose && reseed_equal(purpose, "save");
 	for (; hex[0] && hex[1] && n < RESEED_MAX_SEED; hex += 2) {
 		int high = reseed_hex_digit(hex[0]), low = reseed_hex_digit(hex[1]);
 		if (high < 0 || low < 0) return 1;
@@ -148,11 +153,11 @@ static long reseed_read_console(struct reseed_console *console) {
 	used = console->used + got;
 	for (end = 0; end < used; end++) {
 		char *nonce;
-		int result;
+		int result, saving = 0;
 		if (line[end] != '\n' && line[end] != '\r') continue;
 		line[end] = 0;
-		result = reseed(line + start_of_line, &nonce);
-		if (result == 0 && console->on_seed) console->on_seed();
+		result = reseed(line + start_of_line, &nonce, &saving);
+		if (result == 0 && !saving && console->on_seed) console->on_seed();
 		if (result >= 0) reseed_answer(console->fd, result, nonce);
 		if (result == 0) console->reseeded++;
 		start_of_line = end + 1;

@@ -178,7 +178,7 @@ async function saveTemplate(
   // chance within their first request. Reseeded now, they stay identical
   // until vmcgi reseeds each one: a single mechanism, which tests can show.
   // Not a template saved before its app: its first seed starts the app.
-  if (reseedFirst) await reseedGuest(attempt, signal)
+  if (reseedFirst) await reseedGuest(attempt, signal, { beforeSave: true })
   const qmp = await Qmp.connect(qmpSocket, signal)
   try {
     await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] })
@@ -219,14 +219,16 @@ async function restoreClone(qmpSocket: string, { log }: Attempt, signal: AbortSi
  * a request, the guest's agent (images/agent.c) takes fresh entropy from here,
  * reseeds its kernel's CRNG, sets the clock, and says so on the console, or
  * says that it could not: then the clone fails at once, as one that could not
- * be restored, rather than at the boot timeout.
+ * be restored, rather than at the boot timeout. The template's seed, just
+ * before it is saved, ends with "save": it is not a clone's restore, and a
+ * guest that tells its app of each restore (--restore-signal) must not count it.
  */
-async function reseedGuest({ qemu, console }: Attempt, signal: AbortSignal): Promise<void> {
+async function reseedGuest({ qemu, console }: Attempt, signal: AbortSignal, { beforeSave = false } = {}): Promise<void> {
   const nonce = randomBytes(8).toString('hex')
   const seed = randomBytes(32).toString('hex')
   const failed = `vmcgi: reseed failed ${nonce}`
   const answer = console.waitFor([`vmcgi: reseeded ${nonce}`, failed], signal)
-  qemu.stdin.write(`vmcgi-seed ${seed} ${Math.floor(Date.now() / 1000)} ${nonce}\n`)
+  qemu.stdin.write(`vmcgi-seed ${seed} ${Math.floor(Date.now() / 1000)} ${nonce}${beforeSave ? ' save' : ''}\n`)
   if ((await answer) === failed) {
     throw new VmcgiError('RESTORE_FAILED', 'the guest agent could not reseed its RNG or set its clock')
   }

@@ -257,6 +257,28 @@ describe('image-init, the PID 1 of a container image, on the x86_64 kernel', () 
     expect(initLines(guest).at(-1)).toBe('vmcgi: app exited with status 42')
   })
 
+  it('sends the restore signal to the app at a clone\'s seed, not at the seed before a template is saved', async () => {
+    const script = [
+      'trap "echo app: restored; exit 0" USR2',
+      'echo app: listening for USR2',
+      'while :; do sleep 1 & wait $!; done',
+    ].join('\n')
+    const initramfs = makeInitramfs(join(dir, 'restore'), [
+      'uid=0', 'gid=0', 'groups=', 'cwd=/', 'port=8080', 'restore-signal=12', 'env=PATH=/bin', 'arg=/bin/sh', 'arg=-c', `arg=${script}`,
+    ])
+    const guest = await boot(initramfs, disk)
+    await guest.waitFor(/app: listening for USR2\n/)
+    const seed = () => randomBytes(32).toString('hex')
+    // A template's seed: the app, which exits on its first USR2, is not told.
+    guest.send(`vmcgi-seed ${seed()} 1700000000 t1 save\n`)
+    await guest.waitFor(/vmcgi: reseeded t1\n/)
+    // A clone's seed: the app is told, and exits.
+    guest.send(`vmcgi-seed ${seed()} 1700000000 c1\n`)
+    expect(await guest.exited).toBe(0)
+    expect(guest.output().match(/app: restored/g)).toEqual(['app: restored'])
+    expect(initLines(guest)).toEqual(['vmcgi: reseeded t1', 'vmcgi: reseeded c1', 'vmcgi: app exited with status 0'])
+  })
+
   it('reports a program that cannot be run, and the VM ends', async () => {
     const initramfs = makeInitramfs(join(dir, 'missing'), [
       'uid=1000', 'gid=1000', 'groups=', 'cwd=/', 'port=8080', 'env=PATH=/usr/bin:/bin', 'arg=no-such-program',
