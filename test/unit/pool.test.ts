@@ -6,9 +6,9 @@ import { fakeVmFactory, type BootBehaviour } from '../helpers/fake-vm.js'
 const log = pino({ level: 'silent' })
 const never = new AbortController().signal
 
-function pool(size: number, behaviour: BootBehaviour = 'ok') {
+function pool(size: number, behaviour: BootBehaviour = 'ok', refillDelayMs?: number) {
   const { createVm, vms } = fakeVmFactory(behaviour, (_req, res) => res.end('ok'))
-  const vmPool = new VmPool(size, createVm, log)
+  const vmPool = new VmPool(size, createVm, log, refillDelayMs === undefined ? {} : { refillDelayMs })
   onTestFinished(() => vmPool.destroy())
   return { vmPool, vms }
 }
@@ -21,9 +21,33 @@ describe('VmPool', () => {
     const taken = await vmPool.take(log, never)
     expect(taken).toMatchObject({ warm: true, waitMs: 0 })
     expect(taken.vm.state).toBe('ready')
-    // A replacement boots at once.
+    await taken.vm.close()
     await expect.poll(() => vmPool.ready).toBe(2)
     expect(vms).toHaveLength(3)
+  })
+
+  it('replaces a VM it hands out once that VM has exited, not beside the request it serves', async () => {
+    const { vmPool, vms } = pool(1, 'ok', 60_000)
+    vmPool.start()
+    await expect.poll(() => vmPool.ready).toBe(1)
+    const taken = await vmPool.take(log, never)
+    await new Promise((resolve) => setTimeout(resolve, 100))
+    expect(vms).toHaveLength(1)
+    await taken.vm.close()
+    await expect.poll(() => vmPool.ready).toBe(1)
+    expect(vms).toHaveLength(2)
+  })
+
+  it('replaces it anyway a little after it was taken when its request takes long', async () => {
+    const { vmPool, vms } = pool(1, 'ok', 200)
+    vmPool.start()
+    await expect.poll(() => vmPool.ready).toBe(1)
+    const started = performance.now()
+    const taken = await vmPool.take(log, never)
+    await expect.poll(() => vms.length).toBe(2)
+    expect(performance.now() - started).toBeGreaterThanOrEqual(190)
+    await expect.poll(() => vmPool.ready).toBe(1)
+    expect(taken.vm.state).toBe('ready')
   })
 
   it('drops a warm VM that is no longer running instead of handing it out', async () => {
