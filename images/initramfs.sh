@@ -22,7 +22,7 @@ parse_args "$@"
 [ ${#SITES[@]} -gt 0 ] || SITES=("$IMAGES_DIR/site")
 # Applets the init script and the CGI scripts rely on; the build fails if
 # the busybox binary does not provide one of them.
-REQUIRED_APPLETS="sh mount ip httpd echo cat head sleep poweroff env sort printf tr od hexdump sed grep cut ls nc wget kill true test"
+REQUIRED_APPLETS="sh mount ip arping httpd echo cat head sleep poweroff env sort printf tr od hexdump sed grep cut ls nc wget kill true test"
 
 # ---------------------------------------------------------------- tools
 step "checking initramfs tools"
