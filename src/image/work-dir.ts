@@ -5,6 +5,7 @@
 
 import { mkdtempSync, readdirSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
+import { isAlive } from '../alive.js'
 
 const pattern = /^tmp-(\d+)-/
 
@@ -24,14 +25,4 @@ export function removeAbandonedWorkDirs(cache: string): string[] {
     }
   }
   return removed
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch (error) {
-    // EPERM: alive, and another user's.
-    return (error as NodeJS.ErrnoException).code === 'EPERM'
-  }
 }

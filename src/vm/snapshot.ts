@@ -27,6 +27,7 @@ import {
 import { join } from 'node:path'
 import { execa } from 'execa'
 import type { FastifyBaseLogger } from 'fastify'
+import { isAlive } from '../alive.js'
 import { ConfigError } from '../errors.js'
 import type { HostProbe } from './host.js'
 import { templateMode, type SnapshotFiles } from './modes.js'
@@ -318,15 +319,5 @@ function usersOf(dir: string): number[] {
     return readdirSync(dir).filter((name) => name.startsWith(inUsePrefix)).map((name) => Number(name.slice(inUsePrefix.length)))
   } catch {
     return []
-  }
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch (error) {
-    // EPERM: alive, as another user.
-    return (error as NodeJS.ErrnoException).code === 'EPERM'
   }
 }
