@@ -62,6 +62,8 @@ export class QemuVm implements GuestVm {
   #attempt: Attempt | undefined
 
   #port = 0
+  /** Whether /proc showed QEMU holding its forward once it booted (Linux, with its descriptors readable). */
+  #listenerSeen = false
   #bootMs = 0
   /** Aborted when the VM is stopped, so that a boot in progress ends at once. */
   #stopping = new AbortController()
@@ -101,8 +103,16 @@ export class QemuVm implements GuestVm {
     return (this.#attempt?.qemu.exited ?? Promise.resolve()).then(() => undefined)
   }
 
-  isRunning(): Promise<boolean> {
-    return this.#attempt?.qemu.isRunning() ?? Promise.resolve(false)
+  /**
+   * QEMU running and still holding its forward. A QEMU that exits (its guest
+   * powered off, say) closes the guest's connections with its descriptors,
+   * and its process is not a zombie until a moment later: a QEMU seen
+   * listening when it booted that no longer does is on its way out.
+   */
+  async isRunning(): Promise<boolean> {
+    const qemu = this.#attempt?.qemu
+    if (qemu === undefined || !(await qemu.isRunning())) return false
+    return !this.#listenerSeen || listensOn(qemu.pid!, this.#port) === true
   }
 
   async boot(signal: AbortSignal): Promise<void> {
@@ -145,13 +155,15 @@ export class QemuVm implements GuestVm {
           // Both are awaited together: when `any` aborts, both reject, and
           // neither rejection may go unhandled.
           await Promise.all([answered, unique])
-          if (qemu.pid !== undefined && listensOn(qemu.pid, this.#port) === false) {
+          const listening = qemu.pid === undefined ? undefined : listensOn(qemu.pid, this.#port)
+          if (listening === false) {
             // Another process took the port before QEMU could: its answer does not count.
             stolen = true
             qemu.kill('SIGKILL')
             await qemu.exited
             throw new VmcgiError('SPAWN_FAILED', `a process other than QEMU answered on port ${this.#port}`)
           }
+          this.#listenerSeen = listening === true
           break
         } catch (error) {
           if (signal.aborted) throw signal.reason

@@ -31,6 +31,17 @@ describe('QemuVm', () => {
     expect(pids().filter(alive)).toEqual([])
   })
 
+  it.runIf(process.platform === 'linux')('is not running once QEMU no longer forwards its port, as when it shuts down', async () => {
+    const { createVm, pids } = setUp('listen=0 unlisten=300')
+    const vm = createVm()
+    await vm.boot(never())
+    expect(await vm.isRunning()).toBe(true)
+    await expect.poll(() => vm.isRunning(), { timeout: 2_000, interval: 10 }).toBe(false)
+    // Its process lives on: only the forward tells that it is on its way out.
+    expect(pids().filter(alive)).toHaveLength(1)
+    await vm.destroy(new Error('the test ends'))
+  })
+
   it('starts QEMU again on another port when its port was taken', async () => {
     const { createVm, pids } = setUp('1:port-taken=0 listen=50')
     const vm = createVm()
