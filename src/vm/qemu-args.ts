@@ -22,6 +22,11 @@ export interface QemuArgsInput {
   memoryFile?: { path: string; share: boolean; readonly?: boolean }
   /** A unix socket for QMP, to pause, snapshot and restore. */
   qmpSocket?: string
+  /**
+   * An inherited, connected socket for a second QMP monitor, on which QEMU
+   * announces its SHUTDOWN before it closes the guest's connections.
+   */
+  eventsFd?: number
   /** A clone: start waiting for the template's device state, sent over QMP's migrate-incoming. */
   incoming?: boolean
   /** Where QEMU opens vm.disk (see disk.ts), when there is one. */
@@ -32,7 +37,7 @@ export interface QemuArgsInput {
 
 export const sandboxArgs = ['-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny']
 
-export function buildQemuArgs({ vm, accel, hostPort, sandbox, name, memoryFile, qmpSocket, incoming, diskPath, kernelArgs = [] }: QemuArgsInput): string[] {
+export function buildQemuArgs({ vm, accel, hostPort, sandbox, name, memoryFile, qmpSocket, eventsFd, incoming, diskPath, kernelArgs = [] }: QemuArgsInput): string[] {
   const append = [vm.append, ...kernelArgs].filter(Boolean).join(' ')
   // HVF on Apple silicon cannot map the high PCIe/GIC regions of a 40-bit+ address space.
   const [type, ...properties] = vm.machine.split(',')
@@ -74,6 +79,7 @@ export function buildQemuArgs({ vm, accel, hostPort, sandbox, name, memoryFile, 
       ? ['-object', `memory-backend-file,id=mem0,size=${vm.memoryMiB}M,mem-path=${memoryFile.path},share=${memoryFile.share ? 'on' : 'off'}${memoryFile.readonly ? ',readonly=on,rom=off' : ''}`]
       : []),
     ...(qmpSocket ? ['-qmp', `unix:${qmpSocket},server=on,wait=off`] : []),
+    ...(eventsFd !== undefined ? ['-chardev', `socket,id=events,fd=${eventsFd}`, '-mon', 'chardev=events,mode=control'] : []),
     ...(incoming ? ['-incoming', 'defer'] : []),
     ...(sandbox ? sandboxArgs : []),
     ...vm.extraArgs,

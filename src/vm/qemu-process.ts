@@ -21,7 +21,9 @@
 import { spawn, type ChildProcess } from 'node:child_process'
 import { closeSync } from 'node:fs'
 import { performance } from 'node:perf_hooks'
+import type { Socket } from 'node:net'
 import { Readable, Writable } from 'node:stream'
+import { setImmediate as nextTurn } from 'node:timers/promises'
 import type { FastifyBaseLogger as Logger } from 'fastify'
 import { VmcgiError } from '../errors.js'
 import { groupMembers, isLive, readStat, signalGroup } from './process-group.js'
@@ -46,6 +48,11 @@ export interface SpawnOptions {
    * for it, rather than QEMU: QEMU is another process of its group.
    */
   keeper?: boolean
+  /**
+   * QEMU has a QMP monitor (qemu-args' eventsFd) on the descriptor after the
+   * inherited ones: a socket this process makes and reads for QEMU's events.
+   */
+  events?: boolean
   log: Logger
 }
 
@@ -84,11 +91,13 @@ export class QemuProcess {
   #exitStatus: ExitStatus | undefined
   #end: (reason: VmcgiError) => void
   #spawnMs = 0
+  /** QEMU's reason for shutting down (`guest-shutdown`, `host-signal`, …), once it has said so on its events monitor. */
+  #shutdown: string | undefined
   /** Resolves once QEMU is reaped (or could not be started), with why it ended. */
   readonly exited: Promise<VmcgiError>
 
   /** Spawns QEMU. */
-  constructor({ argv, killGraceMs, inherit = [], keeper = false, log }: SpawnOptions) {
+  constructor({ argv, killGraceMs, inherit = [], keeper = false, events = false, log }: SpawnOptions) {
     const [file, ...args] = argv
     this.#killGraceMs = Math.max(1, killGraceMs)
     this.#keeper = keeper
@@ -115,7 +124,7 @@ export class QemuProcess {
 
     try {
       // detached: the child leads a new process group (and session), so that the group can be signalled.
-      this.#child = spawn(file, args, { stdio: ['pipe', 'pipe', 'pipe', ...inherit], detached: true })
+      this.#child = spawn(file, args, { stdio: ['pipe', 'pipe', 'pipe', ...inherit, ...(events ? ['pipe' as const] : [])], detached: true })
     } catch (error) {
       // Most failures are told by 'error' below; a few (E2BIG, say) are thrown.
       couldNotStart(error)
@@ -142,7 +151,11 @@ export class QemuProcess {
       else couldNotStart(error)
     })
     // A write into a QEMU that died, and the like: its exit says what happened.
-    for (const stream of [child.stdin, child.stdout, child.stderr]) stream?.on('error', () => {})
+    // After a failed spawn (EMFILE) the child may have no stdio at all (see above).
+    const stdio = (child.stdio ?? []) as readonly (Readable | Writable | null | undefined)[]
+    for (const stream of stdio) stream?.on('error', () => {})
+    const monitor = stdio[3 + inherit.length]
+    if (events && monitor) this.#watch(monitor as Socket)
     child.stderr?.on('data', (chunk: Buffer) => this.#stderr.push(chunk))
     // 'exit' comes first; what the child started may still run, and hold its stdio.
     child.once('exit', (exitCode: number | null, signal: NodeJS.Signals | null) => {
@@ -186,14 +199,17 @@ export class QemuProcess {
   }
 
   /**
-   * False once QEMU has exited, even before it is reaped, and while it is
-   * stopped by a signal. A killed QEMU's sockets close before its exit is
-   * told; on Linux /proc shows it as a zombie (or gone) at once. Elsewhere
-   * only the reaping tells.
+   * False once QEMU has announced its shutdown (see #watch) or has exited,
+   * even before it is reaped, and while it is stopped by a signal. A killed
+   * QEMU's sockets close before its exit is told; on Linux /proc shows it as
+   * a zombie (or gone) at once. Elsewhere only the reaping tells.
    */
   async isRunning(): Promise<boolean> {
+    // QEMU announced its shutdown before it closed anything: a turn of the
+    // event loop lets what it wrote be read, the SHUTDOWN before its effects.
+    await nextTurn()
     const pid = this.pid
-    if (this.#exit.signal.aborted || pid === undefined) return false
+    if (this.#exit.signal.aborted || pid === undefined || this.#shutdown !== undefined) return false
     if (process.platform !== 'linux') return true
     // Under a keeper, QEMU is one of the others of its group (the wrapper may be another).
     if (this.#keeper) return groupMembers(pid).some((member) => member.pid !== pid && isLive(member.state))
@@ -226,6 +242,35 @@ export class QemuProcess {
       for (const stream of [this.#child?.stdin, this.#child?.stdout, this.#child?.stderr]) stream?.destroy()
       this.#end(status ? this.#exitReason(status) : new VmcgiError('VM_EXITED', `QEMU did not exit within ${reapMs} ms of SIGKILL`))
     }, reapMs)
+  }
+
+  /**
+   * Reads QEMU's events monitor: leaves capabilities negotiation (events come
+   * only after it), then notes SHUTDOWN, which QEMU sends when its guest
+   * powers off or it is told to quit, before it tears down its devices,
+   * networking included. The line is written before the guest's connections
+   * close, so a connection that ends can be told from QEMU ending.
+   */
+  #watch(monitor: Socket): void {
+    monitor.setEncoding('utf8')
+    // Written, not ended: QEMU drops a monitor whose client has closed its end.
+    monitor.write('{"execute":"qmp_capabilities"}\n')
+    let buffered = ''
+    monitor.on('data', (text: string) => {
+      buffered += text
+      for (let newline; (newline = buffered.indexOf('\n')) !== -1; buffered = buffered.slice(newline + 1)) {
+        const line = buffered.slice(0, newline)
+        if (!line.includes('"SHUTDOWN"')) continue
+        try {
+          const message = JSON.parse(line) as { event?: string; data?: { reason?: string } }
+          if (message.event !== 'SHUTDOWN') continue
+          this.#shutdown = message.data?.reason ?? 'unknown'
+          this.#log.debug({ reason: this.#shutdown }, 'QEMU is shutting down')
+        } catch {
+          // not QMP: nothing to learn from it
+        }
+      }
+    })
   }
 
   #exitReason({ exitCode, signal }: ExitStatus): VmcgiError {

@@ -150,6 +150,13 @@ export async function warmUp({ host, port, path, count, timeoutMs }: {
   }
 }
 
+/** A socket listening on the forwarded port: descriptor `fd` of process `pid`, linked to `target` (socket:[INODE]). */
+export interface Listener {
+  pid: number
+  fd: string
+  target: string
+}
+
 /**
  * Whether a process of group `pgid` (its leader first, QEMU itself unless
  * vm.qemu is a wrapper) holds a socket listening on 127.0.0.1:`port`, read
@@ -158,15 +165,36 @@ export async function warmUp({ host, port, path, count, timeoutMs }: {
  * then a probe would reach that process instead of the guest.
  */
 export function listensOn(pgid: number, port: number): boolean | undefined {
-  const leader = holdsListener(pgid, port)
-  if (leader) return true
+  const listener = findListener(pgid, port)
+  return listener === undefined ? undefined : listener !== false
+}
+
+/** The descriptor behind listensOn: false when no process of the group holds one, undefined where that cannot be told. */
+export function findListener(pgid: number, port: number): Listener | false | undefined {
+  const leader = listenerOf(pgid, port)
+  if (leader) return leader
   // A wrapper that does not exec QEMU: QEMU is another process of the group.
-  const others = groupMembers(pgid).filter((member) => member.pid !== pgid).map((member) => holdsListener(member.pid, port))
-  if (others.includes(true)) return true
+  const others = groupMembers(pgid).filter((member) => member.pid !== pgid).map((member) => listenerOf(member.pid, port))
+  const found = others.find((other) => other)
+  if (found) return found
   return leader === false || others.includes(false) ? false : undefined
 }
 
-function holdsListener(pid: number, port: number): boolean | undefined {
+/**
+ * Whether the process still holds the descriptor found listening: cheap
+ * (one readlink; /proc/net/tcp takes milliseconds to read on a host with
+ * a large connection table). An exiting process has lost its descriptors
+ * before /proc shows it as a zombie.
+ */
+export function stillHolds({ pid, fd, target }: Listener): boolean {
+  try {
+    return readlinkSync(`/proc/${pid}/fd/${fd}`) === target
+  } catch {
+    return false
+  }
+}
+
+function listenerOf(pid: number, port: number): Listener | false | undefined {
   let table: string
   let fds: string[]
   try {
@@ -189,7 +217,7 @@ function holdsListener(pid: number, port: number): boolean | undefined {
     try {
       const target = readlinkSync(`/proc/${pid}/fd/${fd}`)
       readable = true
-      if (inodes.has(target)) return true
+      if (inodes.has(target)) return { pid, fd, target }
     } catch {
       // closed meanwhile, or not ours to read
     }

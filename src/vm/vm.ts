@@ -24,7 +24,7 @@ import type { GuestVm, VmFactory, VmState } from './guest.js'
 import { bootMode, cloneMode, type Attempt, type SnapshotFiles, type StartMode } from './modes.js'
 import { buildQemuArgs } from './qemu-args.js'
 import { QemuProcess } from './qemu-process.js'
-import { listensOn, waitUntilReady } from './readiness.js'
+import { findListener, stillHolds, waitUntilReady, type Listener } from './readiness.js'
 
 export type { SnapshotFiles } from './modes.js'
 
@@ -62,8 +62,8 @@ export class QemuVm implements GuestVm {
   #attempt: Attempt | undefined
 
   #port = 0
-  /** Whether /proc showed QEMU holding its forward once it booted (Linux, with its descriptors readable). */
-  #listenerSeen = false
+  /** QEMU's descriptor listening on the forwarded port, once booted; undefined where /proc cannot tell. */
+  #listener: Listener | undefined
   #bootMs = 0
   /** Aborted when the VM is stopped, so that a boot in progress ends at once. */
   #stopping = new AbortController()
@@ -104,15 +104,15 @@ export class QemuVm implements GuestVm {
   }
 
   /**
-   * QEMU running and still holding its forward. A QEMU that exits (its guest
-   * powered off, say) closes the guest's connections with its descriptors,
-   * and its process is not a zombie until a moment later: a QEMU seen
-   * listening when it booted that no longer does is on its way out.
+   * QEMU running, not shutting down, and still holding its forward. A QEMU
+   * whose guest powers off says so on its events monitor before it closes
+   * the guest's connections; a killed one loses its descriptors before /proc
+   * shows it as a zombie. Either way a connection that just ended is QEMU's.
    */
   async isRunning(): Promise<boolean> {
     const qemu = this.#attempt?.qemu
     if (qemu === undefined || !(await qemu.isRunning())) return false
-    return !this.#listenerSeen || listensOn(qemu.pid!, this.#port) === true
+    return this.#listener === undefined || stillHolds(this.#listener)
   }
 
   async boot(signal: AbortSignal): Promise<void> {
@@ -155,15 +155,15 @@ export class QemuVm implements GuestVm {
           // Both are awaited together: when `any` aborts, both reject, and
           // neither rejection may go unhandled.
           await Promise.all([answered, unique])
-          const listening = qemu.pid === undefined ? undefined : listensOn(qemu.pid, this.#port)
-          if (listening === false) {
+          const listener = qemu.pid === undefined ? undefined : findListener(qemu.pid, this.#port)
+          if (listener === false) {
             // Another process took the port before QEMU could: its answer does not count.
             stolen = true
             qemu.kill('SIGKILL')
             await qemu.exited
             throw new VmcgiError('SPAWN_FAILED', `a process other than QEMU answered on port ${this.#port}`)
           }
-          this.#listenerSeen = listening === true
+          this.#listener = listener
           break
         } catch (error) {
           if (signal.aborted) throw signal.reason
@@ -250,6 +250,8 @@ export class QemuVm implements GuestVm {
       name: this.id,
       ...this.#mode.args,
       ...(disk ? { diskPath: diskPathFor(disk, 2 + inherit.length) } : {}),
+      // After every inherited descriptor: QemuProcess adds it last.
+      eventsFd: 3 + inherit.length,
     })
     const log = this.#log.child({ port: this.#port })
     const qemu = new QemuProcess({
@@ -257,6 +259,7 @@ export class QemuVm implements GuestVm {
       killGraceMs: config.vm.killGraceMs,
       inherit,
       keeper,
+      events: true,
       log,
     })
     this.#attempt = {

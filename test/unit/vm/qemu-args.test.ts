@@ -84,6 +84,13 @@ describe('buildQemuArgs for snapshots and clones', () => {
     expect(valueOf(args, '-incoming')).toBe('defer')
   })
 
+  it('opens a QMP monitor for QEMU\'s events on an inherited socket when given one', () => {
+    const { vm } = fakeConfig()
+    const args = buildQemuArgs({ vm, accel: 'tcg', hostPort: 1, sandbox: false, name: 'x', eventsFd: 5 })
+    expect(args.join(' ')).toContain('-chardev socket,id=events,fd=5 -mon chardev=events,mode=control')
+    expect(buildQemuArgs({ vm, accel: 'tcg', hostPort: 1, sandbox: false, name: 'x' })).not.toContain('-mon')
+  })
+
   it('serves a kernel-only guest: a named -cpu, no -initrd, no -append, and extra arguments last', () => {
     const { vm } = fakeConfig({ vm: { initrd: '', append: '', cpu: 'cortex-a72', machine: 'virt,gic-version=2', extraArgs: ['-global', 'virtio-mmio.force-legacy=false'] } })
     const args = buildQemuArgs({ vm, accel: 'tcg', hostPort: 40000, sandbox: true, name: 'vm-1' })

@@ -2,7 +2,7 @@ import { createServer as createHttpServer } from 'node:http'
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net'
 import { describe, expect, it, onTestFinished } from 'vitest'
 import { execa } from 'execa'
-import { listensOn, waitUntilReady } from '../../../src/vm/readiness.js'
+import { findListener, listensOn, stillHolds, waitUntilReady, type Listener } from '../../../src/vm/readiness.js'
 
 async function listen(server: Server): Promise<number> {
   onTestFinished(() => new Promise<void>((resolve) => server.close(() => resolve())))
@@ -111,5 +111,18 @@ describe('listensOn', () => {
 
   it('cannot tell for a process that does not exist', () => {
     expect(listensOn(2 ** 22 + 1, 80)).toBeUndefined()
+  })
+})
+
+describe('findListener and stillHolds', () => {
+  it('finds the descriptor that listens, and sees it go when the listener closes', async () => {
+    const server = createServer()
+    const port = await listen(server)
+    const listener = findListener(process.pid, port)
+    expect(listener).toMatchObject({ pid: process.pid, target: expect.stringMatching(/^socket:\[\d+\]$/) })
+    expect(stillHolds(listener as Listener)).toBe(true)
+    await new Promise((resolve) => server.close(resolve))
+    expect(stillHolds(listener as Listener)).toBe(false)
+    expect(findListener(process.pid, port)).toBe(false)
   })
 })

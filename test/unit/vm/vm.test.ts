@@ -31,7 +31,18 @@ describe('QemuVm', () => {
     expect(pids().filter(alive)).toEqual([])
   })
 
-  it.runIf(process.platform === 'linux')('is not running once QEMU no longer forwards its port, as when it shuts down', async () => {
+  it('is not running once QEMU announces its shutdown, while its process and its forward are still there', async () => {
+    const { createVm, pids } = setUp('listen=0 shutdown=300')
+    const vm = createVm()
+    await vm.boot(never())
+    expect(await vm.isRunning()).toBe(true)
+    await expect.poll(() => vm.isRunning(), { timeout: 2_000, interval: 5 }).toBe(false)
+    // The fake exits 100 ms after its SHUTDOWN; only the event told.
+    expect(pids().filter(alive)).toHaveLength(1)
+    await vm.exited
+  })
+
+  it.runIf(process.platform === 'linux')('is not running once QEMU no longer holds its forward, as when it is killed', async () => {
     const { createVm, pids } = setUp('listen=0 unlisten=300')
     const vm = createVm()
     await vm.boot(never())
