@@ -274,8 +274,16 @@ export class QemuProcess {
   }
 
   #exitReason({ exitCode, signal }: ExitStatus): VmcgiError {
-    // QEMU says why it refused to start (too many CPUs, too much memory) on its last stderr line.
-    const said = this.#stderr.text().trim().split('\n').at(-1)
+    // QEMU says why it refused to start (too many CPUs, too much memory) on its last stderr line;
+    // why its guest ended, in its SHUTDOWN event.
+    const said = this.#stderr.text().trim().split('\n').at(-1) || guestEnded[this.#shutdown ?? '']
     return new VmcgiError('VM_EXITED', `QEMU exited (${signal ?? `status ${exitCode}`})${said ? `: ${said}` : ''}`)
   }
+}
+
+/** SHUTDOWN reasons that are the guest's doing (QEMU's ShutdownCause), as the exit's message says them. */
+const guestEnded: Record<string, string> = {
+  'guest-shutdown': 'the guest powered off',
+  'guest-reset': 'the guest rebooted',
+  'guest-panic': 'the guest panicked',
 }

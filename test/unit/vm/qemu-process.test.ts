@@ -44,6 +44,13 @@ describe('QemuProcess', () => {
     expect(await qemu.isRunning()).toBe(false)
   })
 
+  it('says the guest powered off when QEMU announced that on its events monitor', async () => {
+    const announce = `new (require('net').Socket)({ fd: 3 }).write('{"event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}}\\n', () => process.exit(0))`
+    const qemu = new QemuProcess({ argv: [process.execPath, '-e', announce], killGraceMs: 100, events: true, log })
+    const reason = await qemu.exited
+    expect(reason).toMatchObject({ code: 'VM_EXITED', message: 'QEMU exited (status 0): the guest powered off' })
+  })
+
   it('escalates SIGTERM to SIGKILL after the grace', async () => {
     const qemu = new QemuProcess({
       argv: [process.execPath, '-e', 'process.on("SIGTERM", () => {}); console.log("up"); setInterval(() => {}, 1000)'],
