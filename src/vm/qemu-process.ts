@@ -56,6 +56,11 @@ export interface SpawnOptions {
   log: Logger
 }
 
+/** The descriptor QEMU finds its events monitor on (SpawnOptions.events): the one after those it inherits. */
+export function eventsFdAfter(inherit: readonly number[]): number {
+  return 3 + inherit.length
+}
+
 /** QEMUs not yet reaped: killed if vmcgi exits first (the death-signal prefix also covers a vmcgi killed outright). */
 const unreaped = new Set<ChildProcess>()
 let killsOnExit = false
@@ -154,7 +159,7 @@ export class QemuProcess {
     // After a failed spawn (EMFILE) the child may have no stdio at all (see above).
     const stdio = (child.stdio ?? []) as readonly (Readable | Writable | null | undefined)[]
     for (const stream of stdio) stream?.on('error', () => {})
-    const monitor = stdio[3 + inherit.length]
+    const monitor = stdio[eventsFdAfter(inherit)]
     if (events && monitor) this.#watch(monitor as Socket)
     child.stderr?.on('data', (chunk: Buffer) => this.#stderr.push(chunk))
     // 'exit' comes first; what the child started may still run, and hold its stdio.

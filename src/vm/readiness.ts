@@ -158,18 +158,12 @@ export interface Listener {
 }
 
 /**
- * Whether a process of group `pgid` (its leader first, QEMU itself unless
- * vm.qemu is a wrapper) holds a socket listening on 127.0.0.1:`port`, read
- * from /proc (Linux); undefined where that cannot be told. Between get-port
- * finding a port free and QEMU binding it, another process may take it, and
- * then a probe would reach that process instead of the guest.
+ * The descriptor of a process of group `pgid` (its leader first, QEMU itself
+ * unless vm.qemu is a wrapper) that listens on 127.0.0.1:`port`, read from
+ * /proc (Linux); false when none does, undefined where that cannot be told.
+ * Between get-port finding a port free and QEMU binding it, another process
+ * may take it, and then a probe would reach that process instead of the guest.
  */
-export function listensOn(pgid: number, port: number): boolean | undefined {
-  const listener = findListener(pgid, port)
-  return listener === undefined ? undefined : listener !== false
-}
-
-/** The descriptor behind listensOn: false when no process of the group holds one, undefined where that cannot be told. */
 export function findListener(pgid: number, port: number): Listener | false | undefined {
   const leader = listenerOf(pgid, port)
   if (leader) return leader

@@ -23,7 +23,7 @@ import { diskPathFor, type HeldDisk } from './disk.js'
 import type { GuestVm, VmFactory, VmState } from './guest.js'
 import { bootMode, cloneMode, type Attempt, type SnapshotFiles, type StartMode } from './modes.js'
 import { buildQemuArgs } from './qemu-args.js'
-import { QemuProcess } from './qemu-process.js'
+import { eventsFdAfter, QemuProcess } from './qemu-process.js'
 import { findListener, stillHolds, waitUntilReady, type Listener } from './readiness.js'
 
 export type { SnapshotFiles } from './modes.js'
@@ -250,8 +250,7 @@ export class QemuVm implements GuestVm {
       name: this.id,
       ...this.#mode.args,
       ...(disk ? { diskPath: diskPathFor(disk, 2 + inherit.length) } : {}),
-      // After every inherited descriptor: QemuProcess adds it last.
-      eventsFd: 3 + inherit.length,
+      eventsFd: eventsFdAfter(inherit),
     })
     const log = this.#log.child({ port: this.#port })
     const qemu = new QemuProcess({

@@ -2,7 +2,7 @@ import { createServer as createHttpServer } from 'node:http'
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net'
 import { describe, expect, it, onTestFinished } from 'vitest'
 import { execa } from 'execa'
-import { findListener, listensOn, stillHolds, waitUntilReady, type Listener } from '../../../src/vm/readiness.js'
+import { findListener, stillHolds, waitUntilReady, type Listener } from '../../../src/vm/readiness.js'
 
 async function listen(server: Server): Promise<number> {
   onTestFinished(() => new Promise<void>((resolve) => server.close(() => resolve())))
@@ -95,22 +95,22 @@ describe('waitUntilReady', () => {
   })
 })
 
-describe('listensOn', () => {
+describe('findListener', () => {
   it('tells whether a process listens on a port of 127.0.0.1', async () => {
     const port = await listen(createServer())
-    expect(listensOn(process.pid, port)).toBe(true)
+    expect(findListener(process.pid, port)).toMatchObject({ target: expect.stringMatching(/^socket:\[\d+\]$/) })
 
     // Another process's listener on another port is not this process's.
     const other = execa('node', ['-e', `require('net').createServer().listen(0, '127.0.0.1', function () { console.log(this.address().port) })`], { reject: false })
     onTestFinished(() => void other.kill())
     const otherPort = await new Promise<number>((resolve) => other.stdout!.once('data', (chunk: Buffer) => resolve(Number(chunk.toString().trim()))))
-    expect(listensOn(process.pid, otherPort)).toBe(false)
-    expect(listensOn(other.pid!, otherPort)).toBe(true)
-    expect(listensOn(other.pid!, port)).toBe(false)
+    expect(findListener(process.pid, otherPort)).toBe(false)
+    expect(findListener(other.pid!, otherPort)).toMatchObject({ target: expect.stringMatching(/^socket:\[\d+\]$/) })
+    expect(findListener(other.pid!, port)).toBe(false)
   })
 
   it('cannot tell for a process that does not exist', () => {
-    expect(listensOn(2 ** 22 + 1, 80)).toBeUndefined()
+    expect(findListener(2 ** 22 + 1, 80)).toBeUndefined()
   })
 })
 

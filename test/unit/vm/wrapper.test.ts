@@ -10,7 +10,7 @@ import { describe, expect, it, onTestFinished } from 'vitest'
 import { keeperPrefix } from '../../../src/vm/host.js'
 import { groupMembers, isLive, readStat } from '../../../src/vm/process-group.js'
 import { QemuProcess } from '../../../src/vm/qemu-process.js'
-import { listensOn } from '../../../src/vm/readiness.js'
+import { findListener } from '../../../src/vm/readiness.js'
 import { createQemuVmFactory } from '../../../src/vm/vm.js'
 import { setUp, type Setup } from './fake-qemu.js'
 
@@ -148,7 +148,7 @@ describe.runIf(process.platform === 'linux')('QemuProcess and a process that lea
   })
 })
 
-describe.runIf(process.platform === 'linux')('listensOn and a process group', () => {
+describe.runIf(process.platform === 'linux')('findListener and a process group', () => {
   it('finds the listener of a process of the group other than its leader, and only of the group', async () => {
     // A shell leads the group, as a wrapper does; its child listens.
     const listener = 'const s = require("net").createServer().listen(0, "127.0.0.1", () => console.log(s.address().port))'
@@ -156,8 +156,8 @@ describe.runIf(process.platform === 'linux')('listensOn and a process group', ()
     onTestFinished(() => void process.kill(-leader.pid!, 'SIGKILL'))
     const [chunk] = (await once(leader.stdout, 'data')) as [Buffer]
     const port = Number(chunk.toString())
-    expect(listensOn(leader.pid!, port)).toBe(true)
+    expect(findListener(leader.pid!, port)).toMatchObject({ target: expect.stringMatching(/^socket:\[\d+\]$/) })
     // The test's own process is of another group.
-    expect(listensOn(process.pid, port)).toBe(false)
+    expect(findListener(process.pid, port)).toBe(false)
   })
 })
